@@ -1,0 +1,45 @@
+# hf-epic developer entry points. Each target creates (or reuses) the project-local
+# virtual environment in .venv and installs the pinned, known-good versions first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.hf-epic-installed
+PIP    := $(PY) -m pip install --disable-pip-version-check -q -c requirements/pinned.txt
+
+.PHONY: install demo test test-all lint format bench clean
+
+$(STAMP): pyproject.toml requirements/pinned.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing pinned torch/torchvision (CUDA builds, they run on CPU)"
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	@echo ">> installing hf-epic[dev,bench]"
+	$(PIP) -e ".[dev,bench]"
+	@touch $@
+
+install: $(STAMP)
+
+## The project's main job on its embedded offline default.
+demo: $(STAMP)
+	$(PY) -m hf_epic.demo
+
+## The test suite (what CI runs): lint, then every test not marked slow.
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-all: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_selection.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

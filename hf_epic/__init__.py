@@ -1,0 +1,48 @@
+"""hf-epic: the EPIC data-poisoning defense, built into the Hugging Face training stack.
+
+Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF imports)::
+
+    from hf_epic import EpicConfig, EpicTrainer, EpicCallback      # training
+    from hf_epic import find_isolated, SelectionResult            # the selection engine
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY: dict[str, str] = {
+    "find_isolated": "selection",
+    "SelectionResult": "selection",
+    "EpicConfig": "epic_config",
+    "EpicCallback": "epic_callback",
+    "EpicTrainer": "epic_trainer",
+    "EpicState": "state",
+    "compute_gradient_embeddings": "embeddings",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embeddings import compute_gradient_embeddings
+    from .epic_callback import EpicCallback
+    from .epic_config import EpicConfig
+    from .epic_trainer import EpicTrainer
+    from .selection import SelectionResult, find_isolated
+    from .state import EpicState
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_epic' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
