@@ -243,8 +243,8 @@ def plot_embedding_rounds(
     files = _round_files(folder)
     if not files:
         raise ValueError(
-            f"No round_*.safetensors files under {folder}: EPIC ran no selection round "
-            "(or epic_save_embeddings was off), so there is nothing to draw."
+            f"No round_*.safetensors files under {folder}: either EPIC ran no selection round, or "
+            "embeddings were not saved; train with EpicConfig(epic_save_embeddings=True) to get them."
         )
     if max_panels < 1:
         raise ValueError(f"max_panels must be at least 1, got {max_panels}.")
@@ -383,7 +383,7 @@ def plot_drops_per_round(
             per[i, classes.index(int(c))] = n
 
     plt = _pyplot()
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    cmap = plt.get_cmap("tab10" if max(classes, default=0) < 10 else "tab20")
     fig, (ax1, ax2) = plt.subplots(
         1, 2, figsize=(10.5, 4.2), gridspec_kw={"width_ratios": [max(len(rounds), 3), max(len(classes), 3)]}
     )
