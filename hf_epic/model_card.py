@@ -529,6 +529,10 @@ def update_model_card(
         dataset = data.eval_results[0].dataset_name
     if dataset is None and data.get("datasets"):
         dataset = data.datasets[0] if isinstance(data.datasets, list) else str(data.datasets)
+    if dataset is None:  # the stock card names it in its text: "... on the <name> dataset."
+        named = re.search(r" on the (.+?) dataset\.", existing.text)
+        info = getattr(getattr(trainer, "train_dataset", None), "info", None)
+        dataset = named.group(1) if named else getattr(info, "dataset_name", None)
     base_model = data.get("base_model") or getattr(config, "_name_or_path", None) or None
 
     rendered = render_model_card(

@@ -209,6 +209,7 @@ def test_section_survives_the_trainers_card_regeneration(tmp_path: Path) -> None
     assert set(EPIC_TAGS) <= set(loaded.data.tags) and "generated_from_trainer" in loaded.data.tags
     got = metrics_of(loaded)
     assert got["attack_success_rate"] == 0.0  # from eval_results.json
+    assert {r.dataset_name for r in loaded.data.eval_results} == {"digits-hard"}
     assert "accuracy" not in got  # the run logged no accuracy, and none is invented
     assert "`loss` |" in text  # eval_loss from the trainer's log history
     assert "`gradient_matching`" in text  # from poison_spec.json
