@@ -1,0 +1,1 @@
+"""Data-poisoning attacks on ``datasets.Dataset`` image classification sets."""

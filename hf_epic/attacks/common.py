@@ -1,0 +1,212 @@
+"""Argument checks and set-up shared by the attacks (run before any training time is spent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from .spec import (
+    check_budget,
+    check_class,
+    check_epsilon,
+    check_no_poison_column,
+    images_to_uint8,
+    num_classes_of,
+    resolve_columns,
+)
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, default_device, train_surrogate
+
+
+@dataclass
+class TrainingSet:
+    """A training set checked and loaded for an attack.
+
+    Attributes:
+        ds: the dataset.
+        image_column: its image column.
+        label_column: its label column.
+        labels: int64 labels of every row.
+        num_classes: number of classes.
+        shape: ``(C, H, W)`` of the first image (every loaded image is checked against it).
+    """
+
+    ds: Dataset
+    image_column: str
+    label_column: str
+    labels: torch.Tensor
+    num_classes: int
+    shape: tuple[int, int, int]
+
+
+def load_training_set(
+    train_ds: Dataset,
+    image_column: str | None,
+    label_column: str | None,
+    budget: float,
+    epsilon: float | None,
+) -> TrainingSet:
+    """Check a clean training set and the budget/epsilon arguments.
+
+    Args:
+        train_ds: the clean training set.
+        image_column: image column (None: auto-detect).
+        label_column: label column (None: auto-detect).
+        budget: poison fraction in (0, 1).
+        epsilon: l_inf bound in (0, 1], or None when the attack has none.
+    """
+    image_column, label_column = resolve_columns(train_ds, image_column, label_column)
+    check_no_poison_column(train_ds)
+    check_budget(budget)
+    if epsilon is not None:
+        check_epsilon(epsilon)
+    if train_ds.num_rows < 2:
+        raise ValueError(f"the training set has {train_ds.num_rows} rows; an attack needs at least 2.")
+    labels = torch.tensor(train_ds[label_column], dtype=torch.long)
+    first = images_to_uint8(train_ds, image_column, [0])
+    return TrainingSet(
+        train_ds,
+        image_column,
+        label_column,
+        labels,
+        num_classes_of(train_ds, label_column),
+        tuple(first.shape[1:]),
+    )
+
+
+def check_targets(
+    train: TrainingSet,
+    target_ds: Dataset | None,
+    target_indices: list[int] | None,
+    poison_class: int | None,
+    target_image_column: str | None,
+) -> tuple[str, str]:
+    """Check the target dataset, explicit target rows and the poison class against the training set.
+
+    Args:
+        train: the loaded training set.
+        target_ds: the dataset holding the targets (e.g. the test split).
+        target_indices: explicit target rows, or None (chosen later with the surrogate).
+        poison_class: the poison class, or None (chosen later).
+        target_image_column: image column of ``target_ds`` (None: auto-detect).
+
+    Returns:
+        ``(image_column, label_column)`` of ``target_ds``.
+    """
+    if target_ds is None:
+        raise ValueError(
+            "a targeted attack needs target_ds=<the dataset holding the targets, e.g. the test split>."
+        )
+    t_img, t_lab = resolve_columns(target_ds, target_image_column, None)
+    if poison_class is not None:
+        check_class("poison_class", poison_class, train.num_classes)
+    if target_indices is not None:
+        if len(target_indices) == 0:
+            raise ValueError(
+                "target_indices is empty; pass at least one row of target_ds, or None to choose one."
+            )
+        for i in target_indices:
+            if (
+                isinstance(i, bool)
+                or not isinstance(i, (int, np.integer))
+                or not 0 <= int(i) < target_ds.num_rows
+            ):
+                raise ValueError(
+                    f"target index {i!r} is not a row of target_ds (0..{target_ds.num_rows - 1})."
+                )
+        classes = {int(target_ds[int(i)][t_lab]) for i in target_indices}
+        if len(classes) != 1:
+            raise ValueError(
+                f"all targets must share one class, got classes {sorted(classes)}; pick targets of one class."
+            )
+        target_class = classes.pop()
+        check_class("target class", target_class, train.num_classes)
+        if poison_class is not None and target_class == poison_class:
+            raise ValueError(
+                f"poison_class={poison_class} equals the targets' class; choose a different poison class "
+                "(the attack makes the target look like the poison class)."
+            )
+    shape = tuple(images_to_uint8(target_ds, t_img, [0]).shape[1:])
+    if shape != train.shape:
+        raise ValueError(f"target images have shape {shape} but training images {train.shape}; use one size.")
+    return t_img, t_lab
+
+
+def check_count(train: TrainingSet, budget: float, poison_class: int) -> int:
+    """Number of poisons for ``budget``, checked against the size of the poison class."""
+    from .spec import budget_count
+
+    n = budget_count(budget, train.ds.num_rows)
+    available = int((train.labels == poison_class).sum())
+    if n > available:
+        raise ValueError(
+            f"budget={budget} asks for {n} poisons but class {poison_class} has only {available} training rows; "
+            "lower the budget."
+        )
+    return n
+
+
+def get_surrogate(
+    train_ds: Dataset,
+    model: torch.nn.Module | None,
+    surrogate_epochs: int | None,
+    *,
+    seed: int,
+    image_column: str,
+    label_column: str,
+    device: str | torch.device | None,
+    normalization: Normalization = DEFAULT_NORMALIZATION,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Return the surrogate (trained on the clean set when needed) and a JSON description of it.
+
+    A given ``model`` is used as it is unless ``surrogate_epochs`` asks to train it; with no model the
+    default tiny ResNet is built and trained for ``surrogate_epochs`` (12 when None).
+    """
+    dev = default_device(device)
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        info: dict[str, Any] = {"model": type(model).__name__, "trained_here_epochs": surrogate_epochs or 0}
+        if surrogate_epochs:
+            train_surrogate(
+                train_ds,
+                model=model,
+                epochs=surrogate_epochs,
+                seed=seed,
+                image_column=image_column,
+                label_column=label_column,
+                device=dev,
+                normalization=normalization,
+                progress=progress,
+            )
+        return model.to(dev).eval(), info
+    epochs = 12 if surrogate_epochs is None else int(surrogate_epochs)
+    trained = train_surrogate(
+        train_ds,
+        epochs=epochs,
+        seed=seed,
+        image_column=image_column,
+        label_column=label_column,
+        device=dev,
+        normalization=normalization,
+        progress=progress,
+    )
+    return trained, {"model": "hf_epic.models.build_tiny_cnn", "trained_here_epochs": epochs, "seed": seed}
+
+
+def freeze(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:
+    """Stop gradients to the model's parameters; returns the previous flags for :func:`unfreeze`."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    return flags
+
+
+def unfreeze(flags: list[tuple[torch.nn.Parameter, bool]]) -> None:
+    """Restore ``requires_grad`` flags saved by :func:`freeze`."""
+    for p, flag in flags:
+        p.requires_grad_(flag)
