@@ -1,0 +1,547 @@
+r"""The EPIC selection engine: per-class facility location and isolated-point detection.
+
+This module is pure torch (no Hugging Face imports). It implements steps 2-4 of EPIC
+(Yang, Liu & Mirzasoleiman, ICML 2022) for a matrix of per-example embeddings ``g_i``
+(usually the gradient of the loss w.r.t. the logits, ``softmax(z_i) - onehot(y_i)``).
+
+The math
+--------
+For every class ``c`` with ``n_c`` examples, let ``V`` be the class's rows. The similarity
+between two rows is
+
+* ``metric="euclidean"`` (the EPIC reference kernel, submodlib's dense "euclidean"):
+  ``s(i, j) = exp(-||g_i - g_j||_2 / D)`` with ``D`` the embedding dimension, so
+  ``s`` lies in ``(0, 1]`` and ``s(i, i) = 1``;
+* ``metric="cosine"``: ``s(i, j) = <g_i, g_j> / (||g_i|| ||g_j||)`` (0 when a vector is
+  zero), with ``s(i, i) = 1``.
+
+The facility-location function of a set of medoids ``S`` is
+
+    F(S) = sum_{i in V} max(0, max_{j in S} s(i, j)),       F(empty) = 0,
+
+a monotone submodular function. Greedy maximisation with budget
+``K_c = ceil(fraction * n_c)`` starts from ``S = {}`` and ``K_c`` times adds the row with
+the largest marginal gain
+
+    gain(c | S) = F(S + {c}) - F(S) = sum_{i in V} max(0, s(i, c) - cur_i),
+    cur_i = max(0, max_{j in S} s(i, j)),
+
+which guarantees ``F(S_greedy) >= (1 - 1/e) max_{|S| <= K_c} F(S)`` (Nemhauser, Wolsey &
+Fisher, 1978). Ties are broken towards the lowest row position (within the class, in input
+order). Every row is then assigned to its most similar medoid (ties: the medoid that was
+selected first, as ``argmax`` over the greedy order does in the reference), a cluster's size
+is the number of rows assigned to it (a medoid normally counts itself), and every row whose
+cluster has size ``<= cluster_threshold`` is dropped: these are the isolated points.
+
+Optimisers
+----------
+``greedy="naive"``
+    The definition above, recomputing every gain at every step: ``O(K n^2)``. Used as the
+    golden reference in the tests.
+``greedy="lazy"``
+    Exact greedy (the same medoids as ``"naive"``, up to floating-point ties) with
+    incrementally maintained gains. After ``j*`` is selected, only rows whose ``cur_i``
+    increases (from ``o_i`` to ``n_i = s(i, j*)``) change any gain, and the gain of
+    candidate ``c`` drops by exactly ``sum_i clamp(s(i, c), o_i, n_i) - o_i``. For the
+    euclidean kernel a row can only affect candidates with ``s(i, c) > o_i``, and by the
+    triangle inequality those satisfy ``s(c, j*) > o_i * n_i``; only that block of the
+    kernel is touched. Gains are accumulated in float64.
+``greedy="stochastic"``
+    Stochastic greedy (Mirzasoleiman et al., AAAI 2015): each step draws, without
+    replacement and seeded by ``seed``, ``ceil((n_c / K_c) log(1 / epsilon))`` not yet
+    selected rows and adds the one with the largest exact gain. Expected
+    ``(1 - 1/e - epsilon)`` approximation.
+
+Memory
+------
+The similarity kernel of a class is held in memory (float32, ``4 n_c^2`` bytes) only if it
+fits ``memory_budget_mb``; otherwise it is never materialised and the needed rows and blocks
+are recomputed from the embeddings in tiles that fit the budget. Distances are computed in
+float64 (``||a||^2 + ||b||^2 - 2 a.b`` on class-centred data) and the similarities rounded
+to float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["SelectionResult", "find_isolated", "similarity_kernel"]
+
+_METRICS = ("euclidean", "cosine")
+_GREEDY = ("lazy", "naive", "stochastic")
+# Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
+# similarities is ~1e-7 relative; this is two orders of magnitude above it).
+_PRUNE_MARGIN = 1e-5
+
+
+@dataclass
+class SelectionResult:
+    """What :func:`find_isolated` found. All tensors are int64 and on the CPU.
+
+    Attributes:
+        medoids: Row positions of the selected medoids, class by class (classes in sorted
+            label order), each class's medoids in greedy order.
+        assignment: For every row, the row position of the medoid it is assigned to.
+        cluster_sizes: Number of rows assigned to each medoid, same order as ``medoids``.
+        dropped: Sorted row positions of the rows in clusters of size ``<= cluster_threshold``.
+        kept: Sorted row positions of all other rows.
+        per_class: ``label -> {"n": rows, "budget": medoids, "num_dropped": dropped rows}``.
+        seconds: Wall-clock time spent in :func:`find_isolated`.
+    """
+
+    medoids: torch.Tensor
+    assignment: torch.Tensor
+    cluster_sizes: torch.Tensor
+    dropped: torch.Tensor
+    kept: torch.Tensor
+    per_class: dict[int, dict[str, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_tensor(value: Any, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise ValueError(f"{name} is a numpy array of dtype object; pass a numeric array instead.")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(
+        f"{name} must be a torch.Tensor or a numpy.ndarray, got {type(value).__name__}; "
+        f"convert it with torch.as_tensor(...) first."
+    )
+
+
+def _check_inputs(
+    embeddings: Any,
+    labels: Any,
+    fraction: float,
+    metric: str,
+    greedy: str,
+    cluster_threshold: int,
+    seed: int,
+    epsilon: float,
+    memory_budget_mb: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates every argument of :func:`find_isolated`; returns (embeddings, labels)."""
+    emb = _as_tensor(embeddings, "embeddings")
+    lab = _as_tensor(labels, "labels")
+    if emb.dim() != 2:
+        raise ValueError(
+            f"embeddings must be a 2-D (rows x dimensions) array, got shape {tuple(emb.shape)}; "
+            "reshape it to (num_rows, dim)."
+        )
+    if emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise ValueError(
+            f"embeddings is empty (shape {tuple(emb.shape)}); pass at least one row with at least one dimension."
+        )
+    if emb.dtype == torch.bool or emb.is_complex():
+        raise ValueError(f"embeddings must be real numbers, got dtype {emb.dtype}; cast to float32.")
+    if not emb.is_floating_point():
+        emb = emb.to(torch.float64)
+    if not bool(torch.isfinite(emb).all()):
+        bad = int((~torch.isfinite(emb)).any(dim=1).sum())
+        raise ValueError(
+            f"embeddings contain NaN or infinite values in {bad} row(s); "
+            "fix the model or data that produced them (e.g. check for a diverged loss) before selection."
+        )
+    if lab.dim() != 1:
+        raise ValueError(f"labels must be 1-D (one label per row), got shape {tuple(lab.shape)}; flatten it.")
+    if lab.shape[0] != emb.shape[0]:
+        raise ValueError(
+            f"shape mismatch: embeddings has {emb.shape[0]} rows but labels has {lab.shape[0]}; "
+            "pass exactly one label per embedding row."
+        )
+    if lab.dtype == torch.bool or lab.is_floating_point() or lab.is_complex():
+        raise ValueError(
+            f"labels must be integers, got dtype {lab.dtype}; pass class ids as an integer array "
+            "(e.g. labels.long())."
+        )
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)):
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}.")
+    if not (0.0 < float(fraction) <= 1.0):
+        raise ValueError(
+            f"fraction must be in (0, 1] (the share of each class kept as medoids), got {fraction!r}; "
+            "EPIC uses 0.1, 0.2 or 0.3."
+        )
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    if greedy not in _GREEDY:
+        raise ValueError(f"unknown greedy {greedy!r}; choose one of {', '.join(_GREEDY)}.")
+    if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, (int, np.integer)):
+        raise ValueError(f"cluster_threshold must be an integer >= 0, got {cluster_threshold!r}.")
+    if cluster_threshold < 0:
+        raise ValueError(
+            f"cluster_threshold must be >= 0, got {cluster_threshold}; use 1 (the EPIC default) to drop "
+            "singleton clusters, 0 to drop nothing."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if not isinstance(epsilon, (int, float, np.floating)) or not (0.0 < float(epsilon) < 1.0):
+        raise ValueError(
+            f"epsilon must be in (0, 1) (stochastic greedy's accuracy), got {epsilon!r}; try 0.01."
+        )
+    if not isinstance(memory_budget_mb, (int, float, np.integer, np.floating)) or not (
+        float(memory_budget_mb) > 0
+    ):
+        raise ValueError(
+            f"memory_budget_mb must be a positive number of megabytes, got {memory_budget_mb!r}."
+        )
+    return emb, lab.to(emb.device)
+
+
+def class_budget(fraction: float, n: int) -> int:
+    """Number of medoids for a class of ``n`` rows: ``ceil(fraction * n)``, at least 1.
+
+    A relative tolerance of 1e-9 absorbs binary rounding (``0.3 * 10`` is
+    ``3.0000000000000004`` in floating point, and its budget is 3, not 4).
+
+    Args:
+        fraction: Share of the class to select as medoids, in (0, 1].
+        n: Number of rows in the class.
+    """
+    return max(1, min(n, math.ceil(fraction * n * (1.0 - 1e-9))))
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+class _Kernel:
+    """The similarity kernel of one class, either held densely or recomputed in tiles.
+
+    Args:
+        x: The class's embeddings (rows x D), any float dtype, on the compute device.
+        metric: ``"euclidean"`` or ``"cosine"``.
+        budget_bytes: Memory the kernel may use.
+    """
+
+    def __init__(self, x: torch.Tensor, metric: str, budget_bytes: int) -> None:
+        self.metric = metric
+        self.n = int(x.shape[0])
+        self.device = x.device
+        self.inv_dim = 1.0 / x.shape[1]
+        x = x.to(torch.float64)
+        if metric == "euclidean":
+            x = x - x.mean(dim=0, keepdim=True)
+            self.sq = (x * x).sum(dim=1)
+        else:
+            norms = x.norm(dim=1, keepdim=True)
+            x = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
+            self.sq = None
+        self.x = x
+        # rows per tile so that a float64 tile of width n stays within ~1/8 of the budget and
+        # (for speed) small enough to stay in cache
+        per_row = 8 * max(self.n, 1)
+        self.tile_rows = int(max(1, min(256, budget_bytes // (8 * per_row))))
+        self.dense = 4 * self.n * self.n + 2 * self.tile_rows * per_row <= budget_bytes
+        self.matrix: torch.Tensor | None = None
+        if self.dense:
+            self.matrix = self._build_dense()
+
+    def _tile(self, rows: torch.Tensor | slice, cols: torch.Tensor | slice | None) -> torch.Tensor:
+        """Similarities s(rows, cols) computed from the embeddings (float32)."""
+        xa = self.x[rows]
+        xb = self.x if cols is None else self.x[cols]
+        if self.metric == "euclidean":
+            sqa = self.sq[rows]
+            sqb = self.sq if cols is None else self.sq[cols]
+            d2 = sqa[:, None] + sqb[None, :]
+            d2 = torch.addmm(d2, xa, xb.T, beta=1.0, alpha=-2.0)
+            d = d2.clamp_min_(0.0).sqrt_().to(torch.float32)
+            return d.mul_(-self.inv_dim).exp_()
+        return torch.mm(xa, xb.T).clamp_(-1.0, 1.0).to(torch.float32)
+
+    def _build_dense(self) -> torch.Tensor:
+        """Builds the full float32 kernel from upper-triangular tiles mirrored (exactly symmetric)."""
+        n = self.n
+        s = torch.empty((n, n), dtype=torch.float32, device=self.device)
+        step = self.tile_rows
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            tile = self._tile(slice(r0, r1), slice(r0, n))
+            diag = tile[:, : r1 - r0]
+            upper = torch.triu(diag, diagonal=1)
+            s[r0:r1, r0:r1] = upper + upper.T
+            s[r0:r1, r1:] = tile[:, r1 - r0 :]
+            s[r1:, r0:r1] = tile[:, r1 - r0 :].T
+        s.fill_diagonal_(1.0)
+        return s
+
+    def row(self, j: int) -> torch.Tensor:
+        """s(j, .) for all rows of the class (float32, length n)."""
+        if self.matrix is not None:
+            return self.matrix[j]
+        out = self._tile(slice(j, j + 1), None)[0]
+        out[j] = 1.0
+        return out
+
+    def block(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+        """s(rows, cols) (float32); ``cols=None`` means all columns."""
+        if self.matrix is not None:
+            sub = self.matrix.index_select(0, rows)
+            return sub if cols is None else sub.index_select(1, cols)
+        out = self._tile(rows, cols)
+        # exact self-similarity
+        colpos = torch.arange(self.n, device=self.device) if cols is None else cols
+        eq = rows[:, None] == colpos[None, :]
+        return out.masked_fill_(eq, 1.0)
+
+    def row_chunks(self) -> Sequence[tuple[int, int, torch.Tensor]]:
+        """Yields ``(r0, r1, s(r0:r1, .))`` over all rows in tiles that fit the budget."""
+        for r0 in range(0, self.n, self.tile_rows):
+            r1 = min(self.n, r0 + self.tile_rows)
+            if self.matrix is not None:
+                yield r0, r1, self.matrix[r0:r1]
+            else:
+                tile = self._tile(slice(r0, r1), None)
+                idx = torch.arange(r1 - r0, device=self.device)
+                tile[idx, idx + r0] = 1.0
+                yield r0, r1, tile
+
+    def exact_gains(self, cur: torch.Tensor) -> torch.Tensor:
+        """gain(c) = sum_i max(0, s(c, i) - cur_i) for every c, in float64."""
+        out = torch.empty(self.n, dtype=torch.float64, device=self.device)
+        for r0, r1, tile in self.row_chunks():
+            out[r0:r1] = (tile - cur[None, :]).clamp_min_(0.0).sum(dim=1, dtype=torch.float64)
+        return out
+
+
+def similarity_kernel(embeddings: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """The dense float32 similarity matrix :func:`find_isolated` uses for one class.
+
+    Meant for inspection and tests on small inputs (it allocates ``4 n^2`` bytes).
+
+    Args:
+        embeddings: Rows x D embeddings of one class.
+        metric: ``"euclidean"`` (``exp(-||a - b|| / D)``) or ``"cosine"``.
+    """
+    emb = _as_tensor(embeddings, "embeddings")
+    if metric not in _METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    n = int(emb.shape[0])
+    return _Kernel(emb, metric, budget_bytes=8 * n * n + (1 << 24)).matrix
+
+
+# --------------------------------------------------------------------------- greedy
+
+
+def _greedy_naive(kernel: _Kernel, budget: int) -> list[int]:
+    """Plain greedy: every gain recomputed at every step (O(K n^2))."""
+    n = kernel.n
+    cur = torch.zeros(n, dtype=torch.float32, device=kernel.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=kernel.device)
+    order: list[int] = []
+    for _ in range(budget):
+        gains = kernel.exact_gains(cur).masked_fill_(taken, -math.inf)
+        j = int(torch.argmax(gains))
+        order.append(j)
+        taken[j] = True
+        torch.maximum(cur, kernel.row(j), out=cur)
+    return order
+
+
+def _greedy_incremental(
+    kernel: _Kernel,
+    budget: int,
+    generator: torch.Generator | None = None,
+    sample_size: int = 0,
+) -> tuple[list[int], torch.Tensor]:
+    """Exact greedy with incrementally updated gains (stochastic when ``generator`` is given).
+
+    Returns the medoids in greedy order and, for every row, the position (within the class)
+    of the first-selected medoid with the largest similarity (-1 where every similarity is
+    <= 0, possible only for the cosine metric).
+    """
+    n = kernel.n
+    dev = kernel.device
+    prune = kernel.metric == "euclidean"
+    gains = torch.empty(n, dtype=torch.float64, device=dev)
+    for r0, r1, tile in kernel.row_chunks():
+        gains[r0:r1] = tile.clamp_min(0.0).sum(dim=1, dtype=torch.float64)
+    cur = torch.zeros(n, dtype=torch.float32, device=dev)
+    assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    taken = torch.zeros(n, dtype=torch.bool, device=dev) if generator is not None else None
+    # Below this, float64 round-off could hide an exact tie at zero gain: recompute exactly.
+    tol = 1e-9 * n
+    recomputed = False
+    order: list[int] = []
+    for _ in range(budget):
+        if generator is None:
+            j = int(torch.argmax(gains))
+        else:
+            free = (~taken).nonzero().squeeze(1)
+            pick = torch.randperm(free.numel(), generator=generator)[:sample_size].to(dev)
+            cand = free[pick]
+            j = int(cand[torch.argmax(gains[cand])])
+        if not recomputed and float(gains[j]) < tol:
+            done = gains == -math.inf
+            gains = kernel.exact_gains(cur).masked_fill_(done, -math.inf)
+            recomputed = True
+            if generator is None:
+                j = int(torch.argmax(gains))
+            else:
+                j = int(cand[torch.argmax(gains[cand])])
+        order.append(j)
+        gains[j] = -math.inf
+        if taken is not None:
+            taken[j] = True
+        row = kernel.row(j)
+        upd = (row > cur).nonzero().squeeze(1)
+        m = int(upd.numel())
+        if m == 0:
+            continue
+        old = cur[upd]
+        new = row[upd]
+        cols = None
+        if prune:
+            thr = float((old * new).min()) * (1.0 - _PRUNE_MARGIN)
+            if thr > 0.0:
+                cand_cols = (row > thr).nonzero().squeeze(1)
+                if cand_cols.numel() < n // 2:
+                    cols = cand_cols
+        block = kernel.block(upd, cols)
+        lo = old[:, None]
+        delta = torch.clamp(block, min=lo, max=new[:, None]).sub_(lo).sum(dim=0, dtype=torch.float64)
+        if cols is None:
+            gains.sub_(delta)
+        else:
+            gains.index_add_(0, cols, delta, alpha=-1.0)
+        cur[upd] = new
+        assign[upd] = j
+    return order, assign
+
+
+def _select_class(
+    x: torch.Tensor,
+    fraction: float,
+    metric: str,
+    greedy: str,
+    generator: torch.Generator,
+    epsilon: float,
+    budget_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy facility location on one class; returns (medoids, assignment) as class positions."""
+    n = int(x.shape[0])
+    budget = class_budget(fraction, n)
+    kernel = _Kernel(x, metric, budget_bytes)
+    if greedy == "naive":
+        order = _greedy_naive(kernel, budget)
+        assign = None
+    elif greedy == "stochastic":
+        size = min(n, max(1, math.ceil(n / budget * math.log(1.0 / epsilon))))
+        order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
+    else:
+        order, assign = _greedy_incremental(kernel, budget)
+    medoids = torch.tensor(order, dtype=torch.int64, device=x.device)
+    if assign is None:
+        assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+        missing = torch.arange(n, device=x.device)
+    else:
+        missing = (assign < 0).nonzero().squeeze(1)
+    for start in range(0, int(missing.numel()), kernel.tile_rows):
+        rows = missing[start : start + kernel.tile_rows]
+        sims = kernel.block(rows, medoids)
+        assign[rows] = medoids[torch.argmax(sims, dim=1)]
+    return medoids, assign
+
+
+def find_isolated(
+    embeddings: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    fraction: float,
+    *,
+    metric: str = "euclidean",
+    greedy: str = "lazy",
+    cluster_threshold: int = 1,
+    seed: int = 0,
+    epsilon: float = 0.01,
+    memory_budget_mb: float = 1024,
+) -> SelectionResult:
+    """Finds EPIC's isolated points: rows in small clusters of per-class facility location.
+
+    Per class ``c`` it selects ``ceil(fraction * n_c)`` medoids by greedy facility location
+    on the similarity ``exp(-||g_i - g_j|| / D)`` (or cosine), assigns every row to its most
+    similar medoid, and drops the rows of clusters with at most ``cluster_threshold`` rows.
+    See the module docstring for the exact definitions. The computation runs on the device
+    of ``embeddings``; the result is on the CPU.
+
+    Args:
+        embeddings: ``(N, D)`` float tensor (CPU or CUDA) or numpy array, e.g. the gradient
+            embeddings ``softmax(z) - onehot(y)``.
+        labels: ``(N,)`` integer class ids (any values, e.g. ``{3, 7, 100}``).
+        fraction: Share of each class selected as medoids, in (0, 1].
+        metric: ``"euclidean"`` (the EPIC reference's kernel) or ``"cosine"``.
+        greedy: ``"lazy"`` (exact greedy, fast), ``"naive"`` (exact greedy by definition,
+            ``O(K n^2)``, for testing) or ``"stochastic"`` (seeded stochastic greedy).
+        cluster_threshold: Rows in clusters of at most this many rows are dropped.
+        seed: Seed of the stochastic greedy's sampling (ignored otherwise).
+        epsilon: Stochastic greedy's accuracy; each step samples
+            ``ceil((n_c / K_c) log(1 / epsilon))`` candidates.
+        memory_budget_mb: The largest similarity matrix (plus tiles) held in memory, in MiB;
+            bigger classes are processed in tiles without materialising it.
+
+    Returns:
+        A :class:`SelectionResult`.
+
+    Raises:
+        ValueError: On NaN/inf embeddings, mismatched shapes, an empty input, non-integer
+            labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold.
+        TypeError: If the inputs are neither torch tensors nor numpy arrays.
+    """
+    start = time.perf_counter()
+    emb, lab = _check_inputs(
+        embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
+    )
+    n = int(emb.shape[0])
+    dev = emb.device
+    budget_bytes = int(float(memory_budget_mb) * (1 << 20))
+    generator = torch.Generator().manual_seed(int(seed))
+    classes, inverse = torch.unique(lab, sorted=True, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=int(classes.numel())).tolist()
+
+    assignment = torch.empty(n, dtype=torch.int64, device=dev)
+    all_medoids: list[torch.Tensor] = []
+    per_class: dict[int, dict[str, int]] = {}
+    offset = 0
+    for label, count in zip(classes.tolist(), counts):
+        rows = order[offset : offset + count]
+        offset += count
+        med, assign = _select_class(
+            emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes
+        )
+        assignment[rows] = rows[assign]
+        all_medoids.append(rows[med])
+        per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
+
+    medoids = torch.cat(all_medoids).cpu()
+    assignment = assignment.cpu()
+    # cluster size of every row position that is a medoid
+    sizes_by_row = torch.bincount(assignment, minlength=n)
+    cluster_sizes = sizes_by_row[medoids]
+    dropped_mask = sizes_by_row[assignment] <= int(cluster_threshold)
+    dropped = dropped_mask.nonzero().squeeze(1)
+    kept = (~dropped_mask).nonzero().squeeze(1)
+    lab_cpu = lab.cpu()
+    if dropped.numel():
+        dl, dc = torch.unique(lab_cpu[dropped], return_counts=True)
+        for label, cnt in zip(dl.tolist(), dc.tolist()):
+            per_class[int(label)]["num_dropped"] = int(cnt)
+    return SelectionResult(
+        medoids=medoids,
+        assignment=assignment,
+        cluster_sizes=cluster_sizes,
+        dropped=dropped,
+        kept=kept,
+        per_class=per_class,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,297 @@
+"""Tests of the EPIC selection engine (hf_epic.selection): golden results, defects of the
+reference implementation, memory-bounded tiles and input validation. CPU only, seconds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hf_epic.selection import SelectionResult, class_budget, find_isolated, similarity_kernel
+
+
+def _clustered(n_per_cluster: int, clusters: int, dim: int, isolated: int, seed: int) -> torch.Tensor:
+    """Tight gaussian clusters plus far-away isolated points (the isolated ones come last)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, dim, generator=g) * 3.0
+    pts = centers.repeat_interleave(n_per_cluster, 0) + 0.05 * torch.randn(
+        clusters * n_per_cluster, dim, generator=g
+    )
+    far = 25.0 + 3.0 * torch.randn(isolated, dim, generator=g)
+    far = far * torch.sign(torch.randn(isolated, dim, generator=g))
+    return torch.cat([pts, far]).double()
+
+
+def _gradient_like(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(z) - onehot(y) of random logits, the embedding EPIC uses."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    logits = torch.randn(n, classes, generator=g) * 2.0
+    logits[torch.arange(n), labels] += 3.0
+    emb = torch.softmax(logits, 1)
+    emb[torch.arange(n), labels] -= 1.0
+    return emb, labels
+
+
+def _check_consistent(res: SelectionResult, labels: torch.Tensor, threshold: int = 1) -> None:
+    n = labels.numel()
+    assert res.assignment.shape == (n,)
+    assert set(res.assignment.unique().tolist()) <= set(res.medoids.tolist())
+    # every row is assigned to a medoid of its own class
+    assert torch.equal(labels[res.assignment], labels)
+    sizes = torch.bincount(res.assignment, minlength=n)
+    assert torch.equal(res.cluster_sizes, sizes[res.medoids])
+    expected_drop = (sizes[res.assignment] <= threshold).nonzero().squeeze(1)
+    assert torch.equal(res.dropped, expected_drop)
+    assert torch.equal(torch.sort(torch.cat([res.dropped, res.kept])).values, torch.arange(n))
+
+
+# --------------------------------------------------------------------------- golden tests
+
+
+def test_kernel_matches_hand_computation():
+    x = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0], [1.0, 2.0, 2.0]])
+    s = similarity_kernel(x, "euclidean")
+    # ||a-b|| = 5, 3 and sqrt(4 + 4 + 4) = sqrt(12); D = 3
+    expect = torch.tensor(
+        [
+            [1.0, math.exp(-5 / 3), math.exp(-3 / 3)],
+            [math.exp(-5 / 3), 1.0, math.exp(-math.sqrt(12) / 3)],
+            [math.exp(-3 / 3), math.exp(-math.sqrt(12) / 3), 1.0],
+        ]
+    )
+    assert s.dtype == torch.float32
+    assert torch.allclose(s, expect, atol=1e-6, rtol=0)
+    c = similarity_kernel(x[1:], "cosine")
+    cos = (3 * 1 + 4 * 2) / (5 * 3)
+    assert torch.allclose(c, torch.tensor([[1.0, cos], [cos, 1.0]]), atol=1e-6)
+
+
+def test_budget_is_ceil_of_fraction():
+    assert class_budget(0.1, 50) == 5
+    assert class_budget(0.3, 10) == 3  # 0.3 * 10 = 3.0000000000000004 in floating point
+    assert class_budget(0.1, 51) == 6
+    assert class_budget(0.2, 1) == 1
+    assert class_budget(1.0, 7) == 7
+
+
+def _brute_force_greedy(x: torch.Tensor, k: int) -> list[int]:
+    """Facility-location greedy written out from the definition, in float64."""
+    s = similarity_kernel(x).double()
+    cur = torch.zeros(len(x), dtype=torch.float64)
+    order: list[int] = []
+    for _ in range(k):
+        gains = (s - cur[:, None]).clamp_min(0).sum(0)
+        gains[order] = -1.0
+        j = int(torch.argmax(gains))
+        order.append(j)
+        cur = torch.maximum(cur, s[:, j])
+    return order
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_lazy_equals_naive_greedy(seed):
+    emb, labels = _gradient_like(300, 3, seed)
+    lazy = find_isolated(emb, labels, 0.3, greedy="lazy")
+    naive = find_isolated(emb, labels, 0.3, greedy="naive")
+    assert torch.equal(lazy.medoids, naive.medoids)
+    assert torch.equal(lazy.assignment, naive.assignment)
+    assert torch.equal(lazy.dropped, naive.dropped)
+    _check_consistent(lazy, labels)
+    # and the naive path is the textbook definition
+    rows = (labels == labels.unique()[0]).nonzero().squeeze(1)
+    k = class_budget(0.3, rows.numel())
+    assert lazy.medoids[:k].tolist() == rows[_brute_force_greedy(emb[rows], k)].tolist()
+
+
+def test_lazy_equals_naive_with_duplicates_and_ties():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(12, 4, generator=g)
+    # every point three times, a row of exact zeros, fraction 1.0: many exact (zero-gain) ties
+    x = torch.cat([base, base, base, torch.zeros(2, 4)])
+    labels = torch.zeros(len(x), dtype=torch.long)
+    for fraction in (0.2, 0.5, 1.0):
+        lazy = find_isolated(x, labels, fraction, greedy="lazy")
+        naive = find_isolated(x, labels, fraction, greedy="naive")
+        assert torch.equal(lazy.medoids, naive.medoids), fraction
+        assert torch.equal(lazy.assignment, naive.assignment), fraction
+    # ties go to the lowest row position: the first copy of each point is chosen first
+    lazy = find_isolated(x, labels, 12 / 38, greedy="lazy")
+    assert lazy.medoids.numel() == 12
+    assert all(m < 12 for m in lazy.medoids.tolist())
+    # duplicates are never isolated: each copy shares a cluster with the others
+    assert lazy.dropped.numel() == 0
+
+
+def test_lazy_equals_naive_cosine():
+    emb, labels = _gradient_like(240, 4, 11)
+    lazy = find_isolated(emb, labels, 0.2, metric="cosine")
+    naive = find_isolated(emb, labels, 0.2, metric="cosine", greedy="naive")
+    assert torch.equal(lazy.medoids, naive.medoids)
+    assert torch.equal(lazy.assignment, naive.assignment)
+    _check_consistent(lazy, labels)
+
+
+def test_stochastic_reproducible_by_seed():
+    emb, labels = _gradient_like(400, 2, 3)
+    a = find_isolated(emb, labels, 0.1, greedy="stochastic", seed=7)
+    b = find_isolated(emb, labels, 0.1, greedy="stochastic", seed=7)
+    c = find_isolated(emb, labels, 0.1, greedy="stochastic", seed=8)
+    assert torch.equal(a.medoids, b.medoids) and torch.equal(a.dropped, b.dropped)
+    assert not torch.equal(a.medoids, c.medoids)
+    _check_consistent(a, labels)
+    # with epsilon tiny the sample is the whole class: exactly lazy greedy
+    full = find_isolated(emb, labels, 0.1, greedy="stochastic", epsilon=1e-300**0.5)
+    lazy = find_isolated(emb, labels, 0.1)
+    assert torch.equal(full.medoids, lazy.medoids)
+
+
+def test_planted_isolated_points_are_dropped():
+    x = _clustered(n_per_cluster=40, clusters=5, dim=6, isolated=6, seed=0)
+    labels = torch.zeros(len(x), dtype=torch.long)
+    # one medoid per cluster plus one per isolated point
+    res = find_isolated(x, labels, 11 / 206)
+    planted = set(range(200, 206))
+    assert set(res.dropped.tolist()) == planted
+    assert res.per_class == {0: {"n": 206, "budget": 11, "num_dropped": 6}}
+    # a larger budget still drops every planted point
+    assert planted <= set(find_isolated(x, labels, 0.2).dropped.tolist())
+    _check_consistent(res, labels)
+
+
+def test_matches_submodlib_lazy_greedy():
+    submodlib = pytest.importorskip("submodlib")
+    emb, labels = _gradient_like(600, 3, 21)
+    x = emb[labels == 0].numpy().astype(np.float32)
+    obj = submodlib.FacilityLocationFunction(n=len(x), mode="dense", data=x, metric="euclidean")
+    assert np.abs(obj.sijs - similarity_kernel(x).numpy()).max() < 1e-6  # the same kernel
+    budget = math.ceil(0.15 * len(x))
+    greedy = obj.maximize(
+        budget=budget, optimizer="LazyGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, verbose=False
+    )
+    ref = [int(i) for i, _ in greedy]
+    ours = find_isolated(x, np.zeros(len(x), dtype=np.int64), 0.15).medoids.tolist()
+    assert len(ours) == len(ref) == budget
+    # identical until the first exact tie, which submodlib breaks differently (we take the lowest row)
+    s = similarity_kernel(x).double()
+    cur = torch.zeros(len(x), dtype=torch.float64)
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        gains = (s - cur[:, None]).clamp_min(0).sum(0)
+        assert abs(float(gains[b]) - greedy[step][1]) < 1e-4
+        if a != b:
+            assert abs(float(gains[a] - gains[b])) < 1e-9 and a < b
+            break
+        cur = torch.maximum(cur, s[:, a])
+    assert step >= 20
+
+
+# --------------------------------------------------------------------------- reference defects
+
+
+def test_imbalanced_classes_and_arbitrary_labels():
+    x1 = _clustered(30, 3, 5, 2, seed=1)  # 92 rows
+    x2 = _clustered(5, 2, 5, 1, seed=2)  # 11 rows
+    x3 = torch.randn(1, 5, dtype=torch.float64)  # a class with one example
+    x = torch.cat([x2, x1, x3])
+    labels = torch.tensor([7] * len(x2) + [100] * len(x1) + [3])
+    res = find_isolated(x, labels, 0.1)
+    assert res.per_class[100]["budget"] == 10
+    assert res.per_class[7]["budget"] == 2
+    assert res.per_class[3] == {"n": 1, "budget": 1, "num_dropped": 1}
+    _check_consistent(res, labels)
+    # same answer as running each class alone
+    for lab in (7, 100, 3):
+        rows = (labels == lab).nonzero().squeeze(1)
+        alone = find_isolated(x[rows], torch.zeros(len(rows), dtype=torch.long), 0.1)
+        mask = labels[res.medoids] == lab
+        assert torch.equal(res.medoids[mask], rows[alone.medoids])
+        assert torch.equal(res.assignment[rows], rows[alone.assignment])
+
+
+def test_fraction_one_makes_every_distinct_row_isolated():
+    emb, labels = _gradient_like(60, 3, 4)
+    res = find_isolated(emb, labels, 1.0)
+    assert res.medoids.numel() == 60
+    assert torch.equal(res.assignment, torch.arange(60))
+    assert torch.equal(res.dropped, torch.arange(60))
+    keep_all = find_isolated(emb, labels, 1.0, cluster_threshold=0)
+    assert keep_all.dropped.numel() == 0
+
+
+def test_numpy_input_equals_torch_input():
+    emb, labels = _gradient_like(200, 3, 8)
+    a = find_isolated(emb.numpy(), labels.numpy().astype(np.int32), 0.2)
+    b = find_isolated(emb, labels, 0.2)
+    assert torch.equal(a.medoids, b.medoids) and torch.equal(a.dropped, b.dropped)
+    assert a.medoids.dtype == torch.int64 and a.dropped.device.type == "cpu"
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("greedy", ["lazy", "naive"])
+def test_tiled_path_equals_dense_path(metric, greedy):
+    emb, labels = _gradient_like(300, 2, 9)
+    dense = find_isolated(emb, labels, 0.2, metric=metric, greedy=greedy)
+    # 0.05 MiB cannot hold a 150 x 150 float32 kernel plus tiles: forces the tiled path
+    tiled = find_isolated(emb, labels, 0.2, metric=metric, greedy=greedy, memory_budget_mb=0.05)
+    assert torch.equal(dense.medoids, tiled.medoids)
+    assert torch.equal(dense.assignment, tiled.assignment)
+
+
+def test_threshold_controls_dropping():
+    x = _clustered(n_per_cluster=2, clusters=10, dim=4, isolated=3, seed=3)
+    labels = torch.zeros(len(x), dtype=torch.long)
+    one = find_isolated(x, labels, 0.5, cluster_threshold=1)
+    two = find_isolated(x, labels, 0.5, cluster_threshold=2)
+    assert set(one.dropped.tolist()) <= set(two.dropped.tolist())
+    _check_consistent(two, labels, threshold=2)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embeddings": torch.tensor([[0.0, float("nan")], [1.0, 1.0]])}, "NaN or infinite"),
+        ({"embeddings": torch.tensor([[0.0, float("inf")], [1.0, 1.0]])}, "NaN or infinite"),
+        ({"labels": torch.tensor([0, 1, 1])}, "shape mismatch"),
+        ({"embeddings": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=torch.long)}, "empty"),
+        ({"embeddings": torch.zeros(2)}, "2-D"),
+        ({"labels": torch.tensor([0.0, 1.0])}, "labels must be integers"),
+        ({"labels": torch.tensor([True, False])}, "labels must be integers"),
+        ({"labels": torch.tensor([[0, 1]])}, "1-D"),
+        ({"fraction": 0.0}, "fraction must be in"),
+        ({"fraction": 1.5}, "fraction must be in"),
+        ({"fraction": float("nan")}, "fraction must be in"),
+        ({"fraction": "0.1"}, "fraction must be a number"),
+        ({"metric": "manhattan"}, "unknown metric"),
+        ({"greedy": "fast"}, "unknown greedy"),
+        ({"cluster_threshold": -1}, "cluster_threshold must be >= 0"),
+        ({"cluster_threshold": 1.5}, "cluster_threshold must be an integer"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"memory_budget_mb": 0}, "memory_budget_mb"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, message):
+    args = {
+        "embeddings": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+        "labels": torch.tensor([0, 1]),
+        "fraction": 0.5,
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        find_isolated(args.pop("embeddings"), args.pop("labels"), args.pop("fraction"), **args)
+
+
+def test_wrong_container_type_raises_type_error():
+    with pytest.raises(TypeError, match="torch.Tensor or a numpy.ndarray"):
+        find_isolated([[0.0, 1.0]], torch.tensor([0]), 0.5)
+
+
+def test_inputs_are_not_modified():
+    emb, labels = _gradient_like(100, 2, 1)
+    e0, l0 = emb.clone(), labels.clone()
+    find_isolated(emb, labels, 0.2)
+    assert torch.equal(emb, e0) and torch.equal(labels, l0)
