@@ -1,0 +1,810 @@
+"""The benchmark harness: trials x attacks x defenses, one trained model per cell, results as they go.
+
+A *cell* is one (trial, attack, defense): the attack crafts a poisoned training set for the trial (seeded
+by the trial number, cached on disk and shared by all defenses of that trial), a tiny model is trained on
+it under the defense, and the cell's record (attack success rate, clean accuracy, poisons and clean rows
+dropped, wall time) is appended to ``results.jsonl`` at once. A rerun reads that file and skips the cells
+already there, so an interrupted run loses at most the cell in progress.
+
+Defenses (``DEFENSES``):
+
+* ``none`` - undefended training (an ``EpicTrainer`` whose selection never runs, so the training loop is
+  identical to the defended runs);
+* ``epic-0.1`` / ``epic-0.2`` / ``epic-0.3`` - EPIC with that fraction;
+* ``random`` / ``high-loss`` / ``low-confidence`` - the baselines of :mod:`hf_epic.baselines`, dropping
+  at the rounds and per-class counts recorded by the reference EPIC cell of the same trial and attack
+  (``HarnessConfig.baseline_reference``, EPIC-0.2 by default), which is run first when missing.
+
+:func:`summarize` aggregates the records per (attack, defense) and :func:`write_report` writes
+``results.md``, ``results.json`` and ``results.png``. The command line is ``recipes/benchmark.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision", "sleeper_agent", "badnets")
+EPIC_DEFENSES = ("epic-0.1", "epic-0.2", "epic-0.3")
+BASELINE_DEFENSES = ("random", "high-loss", "low-confidence")
+DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES)
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "harness_config.json"
+
+__all__ = [
+    "ATTACKS",
+    "DEFENSES",
+    "HarnessConfig",
+    "ResultStore",
+    "cell_key",
+    "load_benchmark_dataset",
+    "run_benchmark",
+    "run_cell",
+    "summarize",
+    "write_report",
+]
+
+
+@dataclasses.dataclass
+class HarnessConfig:
+    """Everything that decides a cell's result (trial, attack and defense aside).
+
+    Args:
+        dataset: ``"digits"`` (offline, :func:`hf_epic.data.load_digits_dataset`) or a Hub dataset name
+            for ``datasets.load_dataset`` (e.g. ``"cifar10"``; needs the internet).
+        digits_variant: ``"hard"`` or ``"plain"``, for ``dataset="digits"``.
+        image_size: side of the square model input, in pixels.
+        num_channels: 1 (grayscale) or 3 (RGB).
+        model: ``"cnn"`` (tiny timm ResNet), ``"vit"`` (tiny HF ViT) or ``"timm-vit"``.
+        train_size: keep only the first ``train_size`` training rows (None: all).
+        test_size: keep only the first ``test_size`` test rows (None: all).
+        epochs: training epochs per cell.
+        batch_size: per-device batch size.
+        learning_rate: peak learning rate (AdamW, linear decay).
+        epic_interval: epochs between EPIC selection rounds (T).
+        epic_start: first epoch at which EPIC selects.
+        baseline_reference: the EPIC defense whose drop schedule the baselines copy.
+        attack_kwargs: per-attack keyword arguments for the ``craft_*`` functions, e.g.
+            ``{"gradient_matching": {"epsilon": 16 / 255}}``.
+        seed: base seed; a cell's training seed is ``seed + trial``.
+        num_workers: DataLoader workers.
+        progress: show progress bars (crafting and training).
+    """
+
+    dataset: str = "digits"
+    digits_variant: str = "hard"
+    image_size: int = 32
+    num_channels: int = 3
+    model: str = "cnn"
+    train_size: int | None = None
+    test_size: int | None = None
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    epic_interval: int = 2
+    epic_start: int = 2
+    baseline_reference: str = "epic-0.2"
+    attack_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    num_workers: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        """Validate the settings before any time is spent."""
+        if self.model not in ("cnn", "vit", "timm-vit"):
+            raise ValueError(f"model={self.model!r}: use 'cnn', 'vit' or 'timm-vit'.")
+        if self.baseline_reference not in EPIC_DEFENSES:
+            raise ValueError(
+                f"baseline_reference={self.baseline_reference!r}: the baselines copy an EPIC run's drop "
+                f"schedule; use one of {', '.join(EPIC_DEFENSES)}."
+            )
+        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: pass a positive integer.")
+        if self.epic_interval < 1 or self.epic_start < 1:
+            raise ValueError("epic_interval and epic_start must be >= 1 (epochs are counted from 1).")
+        unknown = sorted(set(self.attack_kwargs) - set(ATTACKS))
+        if unknown:
+            raise ValueError(f"attack_kwargs names unknown attacks {unknown}; known: {', '.join(ATTACKS)}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def cell_key(trial: int, attack: str, defense: str) -> str:
+    """Return the identifier of one cell in ``results.jsonl``.
+
+    Args:
+        trial: trial number.
+        attack: attack name.
+        defense: defense name.
+    """
+    return f"trial={trial}|attack={attack}|defense={defense}"
+
+
+class ResultStore:
+    """Append-only JSONL file of cell records; a torn last line (from an interrupt) is ignored.
+
+    Args:
+        path: the ``results.jsonl`` file (created on the first append).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupt: that cell reruns
+                if isinstance(record, dict) and "key" in record:
+                    self.records[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the record stored under ``key``, or None.
+
+        Args:
+            key: a :func:`cell_key`.
+        """
+        return self.records.get(key)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record and flush it to disk before returning.
+
+        Args:
+            record: a JSON-serialisable dict with a ``key`` entry.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A torn line left by an interrupt must not swallow this record: start on a fresh line.
+        prefix = ""
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    prefix = "\n"
+        with open(self.path, "a") as handle:
+            handle.write(prefix + json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records[record["key"]] = record
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+
+def _normalise_columns(ds: Any) -> Any:
+    """Rename a dataset's image and label columns to ``image`` and ``label`` (returns a new dataset)."""
+    import datasets
+
+    features = ds.features
+    if "image" not in features:
+        images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+        if not images:
+            raise ValueError(
+                f"No image column in {sorted(features)}: the harness needs a datasets.Image column "
+                "(named 'image', or any name of that feature type)."
+            )
+        ds = ds.rename_column(images[0], "image")
+    if "label" not in features:
+        labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
+        if not labels:
+            raise ValueError(
+                f"No label column in {sorted(features)}: the harness needs a ClassLabel column "
+                "(named 'label', or any name of that feature type)."
+            )
+        ds = ds.rename_column(labels[0], "label")
+    return ds.select_columns(["image", "label"])
+
+
+def load_benchmark_dataset(config: HarnessConfig) -> Any:
+    """Load the train/test splits the cells use, with ``image`` and ``label`` columns.
+
+    Args:
+        config: the harness settings (``dataset``, ``digits_variant``, ``image_size``, sizes, seed).
+
+    Returns:
+        A ``datasets.DatasetDict`` with ``train`` and ``test``.
+    """
+    import datasets
+
+    if config.dataset == "digits":
+        from hf_epic.data import load_digits_dataset
+
+        dd = load_digits_dataset(config.digits_variant, seed=config.seed, image_size=config.image_size)
+    else:
+        loaded = datasets.load_dataset(config.dataset)
+        test_split = "test" if "test" in loaded else ("validation" if "validation" in loaded else None)
+        if "train" not in loaded or test_split is None:
+            raise ValueError(
+                f"Dataset {config.dataset!r} has splits {sorted(loaded)}; the harness needs 'train' and "
+                "'test' (or 'validation')."
+            )
+        dd = datasets.DatasetDict(
+            train=_normalise_columns(loaded["train"]), test=_normalise_columns(loaded[test_split])
+        )
+    train, test = dd["train"], dd["test"]
+    if config.train_size is not None:
+        train = train.select(range(min(config.train_size, len(train))))
+    if config.test_size is not None:
+        test = test.select(range(min(config.test_size, len(test))))
+    return datasets.DatasetDict(train=train, test=test)
+
+
+# ----------------------------------------------------------------------------------------------------
+# aggregation and report
+
+
+def _mean(values: Sequence[float]) -> float:
+    """Mean of a non-empty sequence (NaN when empty)."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _std(values: Sequence[float]) -> float:
+    """Sample standard deviation (0 for a single value, NaN when empty)."""
+    if not len(values):
+        return float("nan")
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Aggregate cell records per (attack, defense), in ``ATTACKS`` x ``DEFENSES`` order.
+
+    Attack success rate pools every scored target/triggered image over the trials (for the targeted
+    attacks with one target per trial this is the fraction of successful trials); the other columns are
+    means over trials.
+
+    Args:
+        records: cell records as written to ``results.jsonl``.
+
+    Returns:
+        One dict per (attack, defense) with ``trials``, ``attack_success_rate``, ``asr_successes``,
+        ``asr_evaluated``, ``clean_accuracy`` (mean) and ``clean_accuracy_std``, ``num_poisons``,
+        ``poisons_dropped``, ``poison_recall``, ``clean_dropped``, ``clean_dropped_fraction`` (means) and
+        ``wall_seconds`` (mean per trial).
+    """
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["attack"], record["defense"]), []).append(record)
+
+    def order(key: tuple[str, str]) -> tuple:
+        attack, defense = key
+        return (
+            ATTACKS.index(attack) if attack in ATTACKS else len(ATTACKS),
+            attack,
+            DEFENSES.index(defense) if defense in DEFENSES else len(DEFENSES),
+            defense,
+        )
+
+    rows = []
+    for key in sorted(groups, key=order):
+        group = sorted(groups[key], key=lambda r: r["trial"])
+        successes = sum(r["num_success"] for r in group)
+        evaluated = sum(r["num_evaluated"] for r in group)
+        accuracies = [r["clean_accuracy"] for r in group]
+        rows.append(
+            {
+                "attack": key[0],
+                "defense": key[1],
+                "trials": len(group),
+                "attack_success_rate": successes / evaluated if evaluated else float("nan"),
+                "asr_successes": successes,
+                "asr_evaluated": evaluated,
+                "clean_accuracy": _mean(accuracies),
+                "clean_accuracy_std": _std(accuracies),
+                "num_poisons": _mean([r["num_poisons"] for r in group]),
+                "poisons_dropped": _mean([r["poisons_dropped"] for r in group]),
+                "poison_recall": _mean([r["recall"] for r in group]),
+                "clean_dropped": _mean([r["clean_dropped"] for r in group]),
+                "clean_dropped_fraction": _mean([r["clean_dropped_fraction"] for r in group]),
+                "wall_seconds": _mean([r["wall_seconds"] for r in group]),
+            }
+        )
+    return rows
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None) -> str:
+    """Render the summary rows as a markdown document."""
+    lines = ["# Poisoning benchmark", ""]
+    if config:
+        settings = ", ".join(f"{k}={v}" for k, v in config.items() if k != "attack_kwargs")
+        lines += [f"Settings: {settings}.", ""]
+        if config.get("attack_kwargs"):
+            lines += [f"Attack arguments: `{json.dumps(config['attack_kwargs'], sort_keys=True)}`.", ""]
+    lines += [
+        "| attack | defense | trials | ASR % (successes/scored) | clean acc % | poisons dropped "
+        "| poison recall % | clean rows dropped (% of clean) | wall s / trial |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['attack']} | {r['defense']} | {r['trials']} "
+            f"| {100 * r['attack_success_rate']:.1f} ({r['asr_successes']}/{r['asr_evaluated']}) "
+            f"| {100 * r['clean_accuracy']:.1f} ± {100 * r['clean_accuracy_std']:.1f} "
+            f"| {r['poisons_dropped']:.1f} / {r['num_poisons']:.1f} "
+            f"| {100 * r['poison_recall']:.1f} "
+            f"| {r['clean_dropped']:.1f} ({100 * r['clean_dropped_fraction']:.1f}) "
+            f"| {r['wall_seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "ASR pools the scored targets (targeted attacks: one per trial) or triggered test images not of "
+        "the poison class (backdoors) over all trials. Other columns are means over trials; "
+        "clean accuracy ± the standard deviation over trials.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Draw ASR and clean accuracy per attack, one bar per defense, and save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    lookup = {(r["attack"], r["defense"]): r for r in rows}
+    width = 0.8 / max(len(defenses), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(attacks) * 2), 4), squeeze=False)
+    for ax, metric, title in (
+        (axes[0][0], "attack_success_rate", "attack success rate (%)"),
+        (axes[0][1], "clean_accuracy", "clean accuracy (%)"),
+    ):
+        for j, defense in enumerate(defenses):
+            xs, ys = [], []
+            for i, attack in enumerate(attacks):
+                row = lookup.get((attack, defense))
+                if row is not None and not math.isnan(row[metric]):
+                    xs.append(i + (j - (len(defenses) - 1) / 2) * width)
+                    ys.append(100 * row[metric])
+            ax.bar(xs, ys, width=width, label=defense)
+        ax.set_xticks(range(len(attacks)))
+        ax.set_xticklabels(attacks, rotation=20, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_title(title)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    records: Iterable[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``results.md``, ``results.json`` (summary rows, settings and every record) and ``results.png``.
+
+    Args:
+        records: cell records.
+        output_dir: folder to write into.
+        config: the settings to print with the table.
+
+    Returns:
+        ``{"markdown": ..., "json": ..., "plot": ...}`` paths.
+    """
+    records = list(records)
+    rows = summarize(records)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "results.md", "json": out / "results.json", "plot": out / "results.png"}
+    paths["markdown"].write_text(_markdown_table(rows, config))
+    payload = {"config": dict(config or {}), "summary": rows, "records": records}
+    paths["json"].write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    _plot(rows, paths["plot"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# crafting, training and scoring one cell
+
+
+def _train_seed(config: HarnessConfig, trial: int) -> int:
+    """Seed of a trial (attack crafting and model training)."""
+    return int(config.seed) * 1000 + int(trial)
+
+
+def _attack_function(attack: str) -> Callable[..., Any]:
+    """Return ``hf_epic.attacks.<attack>.craft_<attack>``."""
+    if attack not in ATTACKS:
+        raise ValueError(f"Unknown attack {attack!r}; choose from {', '.join(ATTACKS)}.")
+    module = importlib.import_module(f"hf_epic.attacks.{attack}")
+    return getattr(module, f"craft_{attack}")
+
+
+def craft_or_load(
+    attack: str, trial: int, splits: Any, config: HarnessConfig, cache_dir: str | os.PathLike
+) -> tuple[Any, Any, float]:
+    """Craft the trial's poisoned training set, or load it from the cache written by an earlier call.
+
+    Args:
+        attack: attack name.
+        trial: trial number (seeds the attack).
+        splits: ``DatasetDict`` with the clean ``train`` and ``test`` splits.
+        config: harness settings (``attack_kwargs[attack]`` is passed to the attack).
+        cache_dir: folder of the cached sets (``<cache_dir>/<attack>/trial_<t>``).
+
+    Returns:
+        ``(poisoned_ds, spec, craft_seconds)``.
+    """
+    import datasets
+
+    from hf_epic.attacks.spec import PoisonSpec
+
+    folder = Path(cache_dir) / attack / f"trial_{trial:03d}"
+    meta_path = folder / "craft.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return (
+            datasets.load_from_disk(str(folder / "dataset")),
+            PoisonSpec.load(folder / "poison_spec.json"),
+            float(meta["craft_seconds"]),
+        )
+    craft = _attack_function(attack)
+    parameters = inspect.signature(craft).parameters
+    kwargs: dict[str, Any] = dict(config.attack_kwargs.get(attack, {}))
+    kwargs.setdefault("seed", _train_seed(config, trial))
+    if "target_ds" in parameters:
+        kwargs.setdefault("target_ds", splits["test"])
+    if "progress" in parameters:
+        kwargs.setdefault("progress", config.progress)
+    required = parameters.get("poison_class")
+    if required is not None and required.default is inspect.Parameter.empty and "poison_class" not in kwargs:
+        # attacks that need a class (the backdoors) get one drawn from the trial's seed
+        num_classes = splits["train"].features["label"].num_classes
+        kwargs["poison_class"] = int(np.random.default_rng(kwargs["seed"]).integers(num_classes))
+    start = time.perf_counter()
+    poisoned, spec = craft(splits["train"], **kwargs)
+    seconds = time.perf_counter() - start
+    folder.mkdir(parents=True, exist_ok=True)
+    poisoned.save_to_disk(str(folder / "dataset"))
+    spec.save(folder / "poison_spec.json")
+    # written last: its presence marks a complete cache entry
+    meta_path.write_text(json.dumps({"craft_seconds": seconds, "attack": attack, "trial": trial}))
+    return datasets.load_from_disk(str(folder / "dataset")), spec, seconds
+
+
+def _build_model(config: HarnessConfig, num_labels: int) -> Any:
+    """Build the victim model named by ``config.model`` (random weights)."""
+    from hf_epic import models
+
+    if config.model == "cnn":
+        return models.build_tiny_cnn(num_labels, config.image_size, config.num_channels)
+    if config.model == "vit":
+        return models.build_tiny_vit(num_labels, config.image_size, config.num_channels)
+    return models.build_tiny_timm(num_labels, config.image_size, config.num_channels)
+
+
+def _transform(config: HarnessConfig, augment: bool, seed: int | None = None) -> Callable[[dict], dict]:
+    """The model input transform; drops ``is_poison`` so the collator never passes it to the model."""
+    from hf_epic.models import image_transform
+
+    base = image_transform(config.image_size, config.num_channels, augment=augment, seed=seed)
+
+    def transform(batch: dict[str, list]) -> dict[str, list]:
+        out = base(batch)
+        out.pop("is_poison", None)
+        return out
+
+    return transform
+
+
+@torch.no_grad()
+def predict_classes(model: Any, ds: Any, config: HarnessConfig, batch_size: int = 256) -> list[int]:
+    """Predicted class of every row of an image dataset (no augmentation).
+
+    Args:
+        model: a trained classifier returning ``logits``.
+        ds: dataset with an ``image`` column (not modified).
+        config: harness settings (image size and channels).
+        batch_size: rows per forward pass.
+
+    Returns:
+        One predicted class per row, in row order.
+    """
+    if len(ds) == 0:
+        return []
+    view = ds.select_columns(["image"]).with_transform(_transform(config, augment=False))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions: list[int] = []
+    for start in range(0, len(view), batch_size):
+        rows = view[start : start + batch_size]
+        pixels = torch.stack(rows["pixel_values"]).to(device)
+        predictions += model(pixel_values=pixels).logits.argmax(-1).tolist()
+    model.train(was_training)
+    return predictions
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool) -> Iterator[None]:
+    """Hide ``datasets`` progress bars inside the block when ``quiet`` (restoring the setting after)."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    if quiet and was_enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _score_attack(model: Any, spec: Any, test_ds: Any, config: HarnessConfig) -> dict[str, Any]:
+    """Attack success on the trial's targets (targeted) or on the triggered test images (backdoor)."""
+    from hf_epic.metrics import load_metric
+
+    if spec.trigger is not None:
+        from hf_epic.attacks.trigger import apply_trigger
+
+        source = spec.trigger.get("source_class")
+        keep = [
+            i
+            for i, label in enumerate(test_ds["label"])
+            if label != spec.poison_class and (source is None or label == source)
+        ]
+        with _quiet_datasets(not config.progress):
+            triggered = apply_trigger(test_ds.select(keep), spec.trigger, seed=_train_seed(config, 0))
+        predictions = predict_classes(model, triggered, config)
+        metric = load_metric("attack_success_rate", config_name="backdoor")
+        out = metric.compute(
+            predictions=predictions, references=triggered["label"], poison_class=spec.poison_class
+        )
+        kind = "backdoor"
+    else:
+        targets = test_ds.select(spec.target_indices)
+        predictions = predict_classes(model, targets, config)
+        metric = load_metric("attack_success_rate", config_name="targeted")
+        out = metric.compute(predictions=predictions, references=[spec.poison_class] * len(predictions))
+        kind = "targeted"
+    return {
+        "attack_kind": kind,
+        "asr": out["attack_success_rate"],
+        "num_success": out["num_success"],
+        "num_evaluated": out["num_evaluated"],
+        "target_predictions": predictions if kind == "targeted" else None,
+    }
+
+
+def run_cell(
+    trial: int,
+    attack: str,
+    defense: str,
+    poisoned: Any,
+    spec: Any,
+    test_ds: Any,
+    config: HarnessConfig,
+    work_dir: str | os.PathLike,
+    schedule: Sequence[Mapping[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Train one model on a poisoned set under one defense and score it.
+
+    Args:
+        trial: trial number (seeds training).
+        attack: attack name (recorded).
+        defense: one of ``DEFENSES``.
+        poisoned: the poisoned training set (with ``is_poison``; not modified).
+        spec: its ``PoisonSpec``.
+        test_ds: the clean test split.
+        config: harness settings.
+        work_dir: the trainer's ``output_dir`` (``epic_state.json`` lands there).
+        schedule: for the baseline defenses, the reference EPIC run's per-round per-class drop counts.
+
+    Returns:
+        The cell's record (JSON-serialisable).
+    """
+    from hf_epic.baselines import baseline_callback
+    from hf_epic.epic_config import EpicConfig
+    from hf_epic.epic_trainer import EpicTrainer
+    from hf_epic.metrics import load_metric
+
+    if defense not in DEFENSES:
+        raise ValueError(f"Unknown defense {defense!r}; choose from {', '.join(DEFENSES)}.")
+    if defense in BASELINE_DEFENSES and schedule is None:
+        raise ValueError(f"The {defense!r} baseline needs the reference EPIC run's drop schedule.")
+    cell_start = time.perf_counter()
+    seed = _train_seed(config, trial)
+    fraction = float(defense.split("-")[1]) if defense in EPIC_DEFENSES else 0.2
+    args = EpicConfig(
+        output_dir=str(work_dir),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=256,
+        learning_rate=config.learning_rate,
+        weight_decay=5e-4,
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=config.num_workers,
+        seed=seed,
+        epic_enabled=defense != "none",
+        epic_fraction=fraction,
+        epic_interval=config.epic_interval,
+        epic_start_epoch=config.epic_start,
+    )
+    num_labels = poisoned.features["label"].num_classes
+    model = _build_model(config, num_labels)
+    callback = None
+    if defense in BASELINE_DEFENSES:
+        callback = baseline_callback(defense, args, schedule=schedule, seed=seed)
+    trainer = EpicTrainer(
+        model=model,
+        args=args,
+        train_dataset=poisoned.with_transform(_transform(config, augment=True, seed=seed)),
+        epic_embedding_dataset=poisoned.with_transform(_transform(config, augment=False)),
+        epic_callback=callback,
+    )
+    if not config.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    state = trainer.epic_state
+    dropped = set(state.dropped) if state is not None else set()
+    is_poison = poisoned["is_poison"]
+    detection = load_metric("poison_detection").compute(
+        predictions=[int(i in dropped) for i in range(len(poisoned))], references=[int(p) for p in is_poison]
+    )
+    predictions = predict_classes(trainer.model, test_ds, config)
+    accuracy = load_metric("clean_accuracy").compute(predictions=predictions, references=test_ds["label"])
+    attack_scores = _score_attack(trainer.model, spec, test_ds, config)
+    rounds = [
+        {int(c): int(n) for c, n in r.get("newly_dropped_per_class", {}).items()}
+        for r in (state.rounds if state is not None else [])
+    ]
+    return {
+        "key": cell_key(trial, attack, defense),
+        "trial": trial,
+        "attack": attack,
+        "defense": defense,
+        "poison_class": int(spec.poison_class),
+        "target_indices": [int(i) for i in spec.target_indices],
+        **attack_scores,
+        "clean_accuracy": accuracy["clean_accuracy"],
+        "num_rows": len(poisoned),
+        "num_poisons": detection["num_poisons"],
+        "num_dropped": detection["num_dropped"],
+        "poisons_dropped": detection["poisons_dropped"],
+        "clean_dropped": detection["clean_dropped"],
+        "precision": detection["precision"],
+        "recall": detection["recall"],
+        "f1": detection["f1"],
+        "clean_dropped_fraction": detection["clean_dropped_fraction"],
+        "rounds_per_class": [{str(c): n for c, n in r.items()} for r in rounds],
+        "round_epochs": [int(r["epoch"]) for r in (state.rounds if state is not None else [])],
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - cell_start,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole grid
+
+
+def _check_names(kind: str, names: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Validate a user's selection of attacks or defenses (order kept, duplicates removed)."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown {kind} {unknown}; choose from {', '.join(known)}.")
+    if not names:
+        raise ValueError(f"No {kind} selected; choose from {', '.join(known)}.")
+    return list(dict.fromkeys(names))
+
+
+def _check_config_file(output_dir: Path, config: HarnessConfig) -> None:
+    """Refuse to mix results of different settings in one output folder."""
+    path = output_dir / CONFIG_FILE
+    current = json.loads(json.dumps(config.to_dict()))
+    if path.exists():
+        stored = json.loads(path.read_text())
+        changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{output_dir} holds results of other settings ({details}); rerun with the same settings to "
+                "resume, or pass a new --output_dir."
+            )
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def run_benchmark(
+    config: HarnessConfig,
+    *,
+    trials: Sequence[int],
+    attacks: Sequence[str],
+    defenses: Sequence[str],
+    output_dir: str | os.PathLike,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every missing (trial, attack, defense) cell, appending each record to ``results.jsonl``.
+
+    Cells already in ``<output_dir>/results.jsonl`` are skipped, so an interrupted run resumes where it
+    stopped. The baselines need the reference EPIC cell of the same trial and attack; it is run (and
+    recorded) first when it is missing, even if not selected. Poisoned sets are cached under
+    ``<output_dir>/poisons`` and reused by every defense. At the end the report files are (re)written.
+
+    Args:
+        config: the settings (stored in ``harness_config.json``; a rerun must use the same).
+        trials: trial numbers, e.g. ``range(12)``.
+        attacks: names from ``ATTACKS``.
+        defenses: names from ``DEFENSES``.
+        output_dir: folder for results, caches and reports.
+        log: called with one line per finished or skipped cell.
+
+    Returns:
+        Every record in ``results.jsonl`` (this run's and earlier ones).
+    """
+    attacks = _check_names("attacks", attacks, ATTACKS)
+    defenses = _check_names("defenses", defenses, DEFENSES)
+    trials = [int(t) for t in trials]
+    if not trials or min(trials) < 0:
+        raise ValueError(f"trials={trials}: pass one or more non-negative trial numbers, e.g. range(12).")
+    out = Path(output_dir)
+    _check_config_file(out, config)
+    store = ResultStore(out / RESULTS_FILE)
+    reference = config.baseline_reference
+    splits = None
+    for trial in trials:
+        for attack in attacks:
+            wanted = [d for d in DEFENSES if d in defenses]
+            if any(d in BASELINE_DEFENSES for d in wanted):
+                # DEFENSES lists EPIC before the baselines, so the reference runs before its copies
+                wanted = [d for d in DEFENSES if d in wanted or d == reference]
+            missing = [d for d in wanted if cell_key(trial, attack, d) not in store]
+            for defense in wanted:
+                if defense not in missing:
+                    log(f"skip   trial={trial} attack={attack} defense={defense} (already in {RESULTS_FILE})")
+            if not missing:
+                continue
+            if splits is None:
+                splits = load_benchmark_dataset(config)
+            poisoned, spec, craft_seconds = craft_or_load(attack, trial, splits, config, out / "poisons")
+            for defense in missing:
+                schedule = None
+                if defense in BASELINE_DEFENSES:
+                    ref = store.get(cell_key(trial, attack, reference))
+                    schedule = [{int(c): n for c, n in r.items()} for r in ref["rounds_per_class"]]
+                work_dir = out / "runs" / attack / f"trial_{trial:03d}" / defense
+                record = run_cell(
+                    trial, attack, defense, poisoned, spec, splits["test"], config, work_dir, schedule
+                )
+                record["craft_seconds"] = craft_seconds
+                store.append(record)
+                log(
+                    f"done   trial={trial} attack={attack} defense={defense}: asr={record['asr']:.3f} "
+                    f"clean_acc={record['clean_accuracy']:.3f} poisons_dropped={record['poisons_dropped']}/"
+                    f"{record['num_poisons']} clean_dropped={record['clean_dropped']} "
+                    f"wall={record['wall_seconds']:.1f}s"
+                )
+    records = list(store.records.values())
+    write_report(records, out, config.to_dict())
+    return records
