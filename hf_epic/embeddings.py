@@ -1,0 +1,248 @@
+"""Per-row gradient embeddings of a classifier, the input of EPIC's selection.
+
+``logits_grad``: ``g = softmax(z) - onehot(y)``, the gradient of the cross-entropy loss with respect
+to the logits (C dims), as in the reference code (logits include the classifier bias).
+``last_layer_grad``: ``g (x) h``, the gradient with respect to the final linear layer's weight, where
+``h`` is the classifier's input (penultimate features, captured with a forward pre-hook); C x H dims.
+
+The pass runs in eval mode under ``torch.no_grad`` over the rows it is given. With several
+processes each rank embeds a disjoint shard and the shards are gathered with accelerate, then
+de-duplicated by row position, so every rank ends with all N rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["EmbeddingResult", "compute_gradient_embeddings", "find_classifier", "model_input_names"]
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+@dataclass
+class EmbeddingResult:
+    """Gradient embeddings of a set of rows.
+
+    Args:
+        rows: int64 row positions, sorted.
+        embeddings: float32 ``(len(rows), D)``.
+        labels: int64 labels of the rows.
+        losses: float32 per-row cross-entropy.
+        seconds: Wall time of the pass (including the gather).
+    """
+
+    rows: torch.Tensor
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    losses: torch.Tensor
+    seconds: float
+
+
+def find_classifier(model: nn.Module) -> nn.Linear:
+    """Return the final ``nn.Linear`` whose output are the logits.
+
+    Looks at ``model.classifier`` (ViT and most HF classifiers), then ``model.timm_model.get_classifier()``
+    (``TimmWrapperForImageClassification``), then the last ``nn.Linear`` with ``num_labels`` outputs.
+
+    Args:
+        model: An image classifier.
+
+    Raises:
+        ValueError: If no final linear layer is found.
+    """
+    candidate = getattr(model, "classifier", None)
+    if isinstance(candidate, nn.Linear):
+        return candidate
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None and hasattr(timm_model, "get_classifier"):
+        head = timm_model.get_classifier()
+        if isinstance(head, nn.Linear):
+            return head
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if num_labels is not None:
+        linears = [m for m in linears if m.out_features == num_labels]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no final nn.Linear producing the logits, which "
+            "epic_embedding='last_layer_grad' needs; use epic_embedding='logits_grad'."
+        )
+    return linears[-1]
+
+
+def model_input_names(model: nn.Module) -> list[str]:
+    """Names of ``model.forward``'s parameters that a dataset row can feed (labels excluded)."""
+    params = inspect.signature(model.forward).parameters
+    skip = set(LABEL_KEYS) | {"return_dict", "output_attentions", "output_hidden_states", "kwargs"}
+    return [n for n, p in params.items() if n not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def extract_logits(output: object) -> torch.Tensor:
+    """Return the logits of a model output (ModelOutput, dict, tuple or tensor).
+
+    Raises:
+        ValueError: If the output holds no logits.
+    """
+    logits = None
+    if isinstance(output, torch.Tensor):
+        logits = output
+    elif isinstance(output, dict) or hasattr(output, "keys"):
+        logits = output.get("logits") if hasattr(output, "get") else None
+    else:
+        logits = getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ValueError(
+            f"the model returned {type(output).__name__} without 2-D 'logits' (batch, num_labels); EPIC needs a "
+            "classifier whose output has a `logits` field, e.g. an *ForImageClassification model."
+        )
+    return logits
+
+
+def _collate(items: list[dict], input_names: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Stack the model-input columns of a list of transformed rows into tensors on ``device``."""
+    batch: dict[str, torch.Tensor] = {}
+    for name in input_names:
+        if name not in items[0]:
+            continue
+        values = [item[name] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            tensor = torch.stack(values)
+        else:
+            tensor = torch.as_tensor(values)
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        batch[name] = tensor.to(device)
+    if not batch:
+        raise ValueError(
+            f"dataset rows have columns {sorted(items[0])} but the model's forward takes {list(input_names)}; "
+            "give the dataset a transform (set_transform/with_transform) producing e.g. 'pixel_values'."
+        )
+    return batch
+
+
+def _local_pass(
+    model: nn.Module,
+    dataset,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    batch_size: int,
+    show_progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed ``rows`` on this process. Returns (embeddings, losses)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    input_names = model_input_names(model)
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if kind == "last_layer_grad":
+        classifier = find_classifier(model)
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            captured["h"] = args[0]
+
+        handle = classifier.register_forward_pre_hook(hook)
+    chunks, loss_chunks = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            starts = range(0, len(rows), batch_size)
+            for start in tqdm(starts, desc="EPIC embeddings", disable=not show_progress, leave=False):
+                idx = rows[start : start + batch_size]
+                items = dataset.__getitems__(idx.tolist())
+                logits = extract_logits(model(**_collate(items, input_names, device))).float()
+                y = labels[idx].to(logits.device)
+                probs = torch.softmax(logits, dim=-1)
+                g = probs - F.one_hot(y, probs.shape[-1]).to(probs.dtype)
+                if kind == "last_layer_grad":
+                    h = captured.pop("h", None)
+                    if h is None or h.ndim != 2:
+                        raise ValueError(
+                            "could not read 2-D penultimate features at the classifier's input; "
+                            "use epic_embedding='logits_grad' for this model."
+                        )
+                    g = (g[:, :, None] * h.float()[:, None, :]).flatten(1)
+                chunks.append(g.cpu())
+                loss_chunks.append(F.cross_entropy(logits, y, reduction="none").cpu())
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.train(was_training)
+    if not chunks:
+        return torch.zeros(0, 0), torch.zeros(0)
+    return torch.cat(chunks), torch.cat(loss_chunks)
+
+
+def compute_gradient_embeddings(
+    model: nn.Module,
+    dataset,
+    labels: torch.Tensor | Sequence[int],
+    *,
+    kind: str = "logits_grad",
+    batch_size: int = 256,
+    show_progress: bool = False,
+    distributed: bool = True,
+) -> EmbeddingResult:
+    """Compute the gradient embedding of every row of ``dataset``.
+
+    Args:
+        model: A classifier returning ``logits``; it is put in eval mode for the pass and restored after.
+        dataset: A map-style ``datasets.Dataset`` (with its transform) whose rows feed ``model.forward``.
+        labels: The label of every row (int64, length ``len(dataset)``).
+        kind: ``"logits_grad"`` or ``"last_layer_grad"``.
+        batch_size: Rows per forward pass.
+        show_progress: Show a tqdm progress bar.
+        distributed: With several processes (accelerate/torch.distributed), shard the rows across
+            ranks and gather the result so every rank gets all rows. If False, embed all rows here.
+
+    Returns:
+        An :class:`EmbeddingResult` over all rows, in row order.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import gather
+
+    start = time.perf_counter()
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    num_rows = len(dataset)
+    world, rank = 1, 0
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        state = PartialState()
+        world, rank = state.num_processes, state.process_index
+    rows = torch.arange(rank, num_rows, world, dtype=torch.long)
+    emb, losses = _local_pass(model, dataset, rows, labels, kind, batch_size, show_progress)
+    if world > 1:
+        # Every rank must contribute equal shapes: pad to the largest shard with row -1.
+        per_rank = -(-num_rows // world)
+        dim = torch.tensor([emb.shape[1] if emb.numel() else 0], device=PartialState().device)
+        dim = int(gather(dim).max())
+        pad = per_rank - len(rows)
+        device = PartialState().device
+        emb_p = torch.cat([emb.reshape(len(rows), dim), torch.zeros(pad, dim)]).to(device)
+        loss_p = torch.cat([losses, torch.zeros(pad)]).to(device)
+        rows_p = torch.cat([rows, torch.full((pad,), -1, dtype=torch.long)]).to(device)
+        all_rows, all_emb, all_loss = gather(rows_p).cpu(), gather(emb_p).cpu(), gather(loss_p).cpu()
+        valid = all_rows >= 0
+        all_rows, all_emb, all_loss = all_rows[valid], all_emb[valid], all_loss[valid]
+        order = torch.argsort(all_rows)
+        rows, emb, losses = all_rows[order], all_emb[order], all_loss[order]
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        keep[1:] = rows[1:] != rows[:-1]  # de-duplicate by row position
+        rows, emb, losses = rows[keep], emb[keep], losses[keep]
+        if len(rows) != num_rows:
+            raise RuntimeError(f"gathered embeddings cover {len(rows)} of {num_rows} rows.")
+    return EmbeddingResult(
+        rows=rows,
+        embeddings=emb.float(),
+        labels=labels[rows],
+        losses=losses.float(),
+        seconds=time.perf_counter() - start,
+    )

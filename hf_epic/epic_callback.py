@@ -1,0 +1,472 @@
+"""``EpicCallback``: the EPIC schedule and selection, as a ``transformers`` TrainerCallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .embeddings import compute_gradient_embeddings
+from .epic_config import default_epic_settings, validate_epic_settings
+from .sampler import KeptRowsSampler
+from .state import STATE_FILE_NAME, EpicState
+from .validation import (
+    check_embedding_dataset,
+    check_enough_rows,
+    check_labels_in_range,
+    check_model_logits,
+    check_train_dataset,
+    find_label_column,
+    read_bool_column,
+    read_labels,
+)
+
+__all__ = ["EpicCallback"]
+
+logger = logging.getLogger(__name__)
+
+POISON_COLUMN = "is_poison"
+
+
+def _resolve_settings(config: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge defaults, a config (EpicConfig or mapping) and keyword overrides (with or without ``epic_``)."""
+    values = default_epic_settings()
+    if config is not None:
+        source = config.epic_settings() if hasattr(config, "epic_settings") else dict(config)
+        for key, value in source.items():
+            name = key if key.startswith("epic_") else f"epic_{key}"
+            if name not in values:
+                raise TypeError(f"unknown EPIC setting {key!r}; valid names: {sorted(values)}.")
+            values[name] = value
+    for key, value in overrides.items():
+        name = key if key.startswith("epic_") else f"epic_{key}"
+        if name not in values:
+            raise TypeError(f"unknown EPIC setting {key!r}; valid names: {sorted(values)}.")
+        values[name] = value
+    validate_epic_settings(values)
+    return values
+
+
+def _distributed() -> tuple[int, int]:
+    """Return (process_index, num_processes) of the current torch.distributed group (0, 1 without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _find_batch_sampler(dataloader: Any) -> Any:
+    """Return the innermost ``torch.utils.data.BatchSampler`` of a (prepared) train dataloader, or None."""
+    current = getattr(dataloader, "batch_sampler", None)
+    for _ in range(4):
+        if current is None:
+            return None
+        if isinstance(current, torch.utils.data.BatchSampler):
+            return current
+        current = getattr(current, "batch_sampler", None)
+    return None
+
+
+class EpicCallback(TrainerCallback):
+    """Run EPIC selection rounds during training and restrict later epochs to the kept rows.
+
+    At the beginning of every scheduled epoch (after ``epic_start_epoch`` completed epochs, then every
+    ``epic_interval`` epochs, before ``epic_stop_epoch``), it embeds every training row (dropped rows
+    included) in eval mode, gathers the embeddings of all processes, lets rank 0 select the isolated
+    rows (:meth:`select_rows`), broadcasts them, and removes them from the training sampler. Dropping
+    is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
+    ``epic_state.json`` in each checkpoint and in ``output_dir``.
+
+    Args:
+        config: An :class:`~hf_epic.EpicConfig` or a mapping of ``epic_*`` settings. If None and no
+            settings are passed, the settings are read from the trainer's ``args`` when it is an
+            ``EpicConfig`` (else the defaults are used).
+        train_dataset: The training set (default: the train dataloader's dataset). Pass it with a plain
+            ``Trainer`` when the Trainer may drop columns (e.g. ``is_poison``) from its own copy.
+        embedding_dataset: The same rows with an un-augmented transform, used for the embedding pass
+            (default: the training set itself).
+        **settings: EPIC settings by name, with or without the ``epic_`` prefix
+            (``fraction=0.2, interval=2, start_epoch=2, ...``); they override ``config``.
+
+    Example:
+        With a plain ``transformers.Trainer`` (``remove_unused_columns=False`` as usual for images)::
+
+            trainer = Trainer(model=model, args=TrainingArguments("out", remove_unused_columns=False),
+                              train_dataset=train_ds)
+            trainer.add_callback(EpicCallback(fraction=0.2, interval=2, start_epoch=2))
+            trainer.train()
+
+    What a plain ``Trainer`` cannot do, and :class:`~hf_epic.EpicTrainer` does:
+        The stock Trainer computes its step counts once, from the full training set. After a round
+        the callback swaps the dataloader's sampler for one over the kept rows, so later epochs
+        really iterate only kept rows, but with a plain Trainer: ``state.epoch`` is no longer whole
+        at epoch ends, ``max_steps`` and the progress bar overshoot, the end-of-training save and
+        evaluation of ``DefaultFlowCallback`` may not fire, a linear LR schedule does not reach 0, and
+        with gradient accumulation the last micro-batch of an epoch leaks into the next step.
+        ``epic/*`` figures land in ``state.log_history`` and the Python logger but not in
+        ``report_to`` integrations (a callback cannot call ``Trainer.log``). Resuming restores
+        neither the EPIC state (call :meth:`load_state` yourself) nor the right epoch. ``EpicTrainer``
+        fixes all of these, loads the un-augmented embedding view, and fixes a ViT resume bug.
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        train_dataset: Any = None,
+        embedding_dataset: Any = None,
+        **settings: Any,
+    ) -> None:
+        explicit = config is not None or bool(settings)
+        self.settings: dict[str, Any] | None = _resolve_settings(config, settings) if explicit else None
+        self.train_dataset = train_dataset
+        self.embedding_dataset = embedding_dataset
+        self.trainer: Any = None
+        self.state: EpicState | None = None
+        self.sampler: KeptRowsSampler | None = None
+        self.seed = 0
+        self.label_column: str | None = None
+        self.labels: torch.Tensor | None = None
+        self.is_poison: torch.Tensor | None = None
+        self.last_selection: Any = None
+        self._epoch = 0
+        self._prepared = False
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def dropped(self) -> list[int]:
+        """Sorted row positions dropped so far."""
+        return list(self.state.dropped) if self.state is not None else []
+
+    @property
+    def kept(self) -> list[int]:
+        """Sorted row positions still trained on."""
+        return self.state.kept if self.state is not None else []
+
+    def select_rows(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        losses: torch.Tensor,
+        already_dropped: torch.Tensor,
+    ) -> torch.Tensor:
+        """Choose the rows to drop newly this round (override for other defenses).
+
+        The default runs :func:`hf_epic.selection.find_isolated` over all rows and returns the
+        isolated rows not dropped before. Runs on rank 0 only; the result is broadcast.
+
+        Args:
+            embeddings: float32 ``(N, D)`` gradient embeddings of every row, in row order.
+            labels: int64 ``(N,)`` labels.
+            losses: float32 ``(N,)`` per-row cross-entropy.
+            already_dropped: int64 sorted row positions dropped in earlier rounds.
+
+        Returns:
+            int64 sorted row positions to drop newly.
+        """
+        from .selection import find_isolated
+
+        s = self.settings
+        assert s is not None
+        result = find_isolated(
+            embeddings,
+            labels,
+            s["epic_fraction"],
+            metric=s["epic_metric"],
+            greedy=s["epic_greedy"],
+            cluster_threshold=s["epic_cluster_threshold"],
+            seed=self.seed + len(self.state.rounds) if self.state is not None else self.seed,
+            epsilon=s["epic_stochastic_epsilon"],
+            memory_budget_mb=s["epic_memory_budget_mb"],
+        )
+        self.last_selection = result
+        dropped = torch.as_tensor(result.dropped, dtype=torch.long)
+        return dropped[~torch.isin(dropped, already_dropped)]
+
+    def is_round_epoch(self, epoch: int) -> bool:
+        """Whether a selection round runs before epoch index ``epoch`` (= number of completed epochs)."""
+        s = self.settings
+        if s is None or not s["epic_enabled"]:
+            return False
+        start, stop = s["epic_start_epoch"], s["epic_stop_epoch"]
+        if epoch < start or (stop is not None and epoch >= stop):
+            return False
+        return (epoch - start) % s["epic_interval"] == 0
+
+    def load_state(self, source: EpicState | str | os.PathLike) -> None:
+        """Restore an EPIC state (an ``EpicState``, an ``epic_state.json`` or a folder holding one).
+
+        Args:
+            source: Where the state comes from.
+        """
+        state = source if isinstance(source, EpicState) else EpicState.load(source)
+        self.state = state
+        self._epoch = len(state.epoch_end_steps)
+        if self.sampler is not None:
+            if self.sampler.num_rows != state.num_rows:
+                raise ValueError(
+                    f"the EPIC state covers {state.num_rows} rows but the training set has {self.sampler.num_rows}; "
+                    "resume with the same training set."
+                )
+            self.sampler.set_kept(state.kept)
+
+    def make_sampler(self, num_rows: int, seed: int) -> KeptRowsSampler:
+        """Create (or return) the training sampler over the kept rows."""
+        if self.sampler is None or self.sampler.num_rows != num_rows:
+            kept = self.state.kept if self.state is not None and self.state.num_rows == num_rows else None
+            self.sampler = KeptRowsSampler(num_rows, seed=seed, kept=kept)
+        self.sampler.seed = int(seed)
+        return self.sampler
+
+    def prepare(self, args: TrainingArguments, model: Any, train_dataset: Any) -> None:
+        """Resolve settings and check the data and model (raises before any training step).
+
+        Args:
+            args: The trainer's arguments.
+            model: The model to be trained.
+            train_dataset: The training set.
+        """
+        if self.settings is None:
+            self.settings = _resolve_settings(args if hasattr(args, "epic_settings") else None, {})
+        self.seed = int(args.data_seed if args.data_seed is not None else args.seed)
+        if not self.settings["epic_enabled"]:
+            self._prepared = True
+            if self.state is None and train_dataset is not None and hasattr(train_dataset, "__len__"):
+                self.state = EpicState(num_rows=len(train_dataset), config=self._json_config())
+            return
+        if self.train_dataset is None:
+            self.train_dataset = train_dataset
+        check_train_dataset(self.train_dataset)
+        self.label_column = find_label_column(self.train_dataset)
+        self.labels = read_labels(self.train_dataset, self.label_column)
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if num_labels is None:
+            raise ValueError("the model has no config.num_labels; EPIC needs a classifier with a config.")
+        check_labels_in_range(self.labels, int(num_labels))
+        check_enough_rows(self.labels, _distributed()[1])
+        if self.embedding_dataset is not None:
+            check_embedding_dataset(self.embedding_dataset, self.train_dataset, self.label_column)
+        view = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
+        check_model_logits(model, view, int(num_labels))
+        self.is_poison = read_bool_column(self.train_dataset, POISON_COLUMN)
+        if self.state is None:
+            self.state = EpicState(num_rows=len(self.train_dataset), config=self._json_config())
+        elif self.state.num_rows != len(self.train_dataset):
+            raise ValueError(
+                f"the restored EPIC state covers {self.state.num_rows} rows but the training set has "
+                f"{len(self.train_dataset)}; resume with the same training set."
+            )
+        self._prepared = True
+
+    # ----------------------------------------------------------------- callback events
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        """Check inputs, create the state and (plain Trainer) swap in the kept-rows sampler."""
+        dataloader = kwargs.get("train_dataloader")
+        if not self._prepared:
+            dataset = (
+                self.train_dataset if self.train_dataset is not None else getattr(dataloader, "dataset", None)
+            )
+            self.prepare(args, kwargs.get("model"), dataset)
+        if self.state is not None:
+            self._epoch = len(self.state.epoch_end_steps)
+        if self.trainer is None and dataloader is not None and self.state is not None:
+            batch_sampler = _find_batch_sampler(dataloader)
+            if batch_sampler is None:
+                raise TypeError(
+                    "EpicCallback could not find the train dataloader's batch sampler; use hf_epic.EpicTrainer."
+                )
+            if not isinstance(batch_sampler.sampler, KeptRowsSampler):
+                batch_sampler.sampler = self.make_sampler(self.state.num_rows, self.seed)
+        return control
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        """Record the epoch start, run a selection round when scheduled, and set the sampler's epoch."""
+        epoch = self._epoch
+        if self.state is None:
+            return control
+        if len(self.state.epoch_start_steps) <= epoch:
+            self.state.epoch_start_steps.append(int(state.global_step))
+        done = any(r.get("epoch") == epoch for r in self.state.rounds)
+        if self.is_round_epoch(epoch) and not done:
+            self.run_round(args, state, kwargs.get("model"), epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        return control
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        """Record the global step at which the epoch ended."""
+        if self.state is not None:
+            if len(self.state.epoch_end_steps) <= self._epoch:
+                self.state.epoch_end_steps.append(int(state.global_step))
+            self._epoch += 1
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        """With a plain Trainer, write ``epic_state.json`` into the checkpoint just saved."""
+        if self.trainer is None and self.state is not None and args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.state.save(os.path.join(folder, STATE_FILE_NAME))
+        return control
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        """Write ``epic_state.json`` into ``output_dir``."""
+        if self.state is not None and args.should_save:
+            self.state.save(os.path.join(args.output_dir, STATE_FILE_NAME))
+        return control
+
+    # ----------------------------------------------------------------- the round
+
+    def _json_config(self) -> dict[str, Any]:
+        return dict(self.settings or {})
+
+    def run_round(
+        self, args: TrainingArguments, state: TrainerState, model: Any, epoch: int
+    ) -> dict[str, Any]:
+        """Run one selection round now and return its record (also appended to ``self.state.rounds``).
+
+        Args:
+            args: The trainer's arguments.
+            state: The trainer's state (for the global step).
+            model: The (unwrapped) model.
+            epoch: Number of completed epochs.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        assert self.settings is not None and self.state is not None and self.labels is not None
+        s = self.settings
+        rank, world = _distributed()
+        dataset = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
+        batch_size = s["epic_embedding_batch_size"] or max(args.per_device_eval_batch_size, 256)
+        show = rank == 0 and not args.disable_tqdm
+        emb = compute_gradient_embeddings(
+            model, dataset, self.labels, kind=s["epic_embedding"], batch_size=batch_size, show_progress=show
+        )
+        already = torch.as_tensor(self.state.dropped, dtype=torch.long)
+        payload: list[Any] = [None]
+        if rank == 0:
+            start = time.perf_counter()
+            newly = torch.as_tensor(self.select_rows(emb.embeddings, emb.labels, emb.losses, already))
+            newly = torch.unique(newly.to(torch.long).flatten())
+            newly = newly[~torch.isin(newly, already)]
+            if newly.numel() and (newly[0] < 0 or newly[-1] >= self.state.num_rows):
+                raise ValueError(f"select_rows returned row positions outside [0, {self.state.num_rows}).")
+            payload = [{"newly": newly.tolist(), "seconds": time.perf_counter() - start}]
+        if world > 1:
+            payload = broadcast_object_list(payload, from_process=0)
+        newly_list: list[int] = payload[0]["newly"]
+        selection_seconds = float(payload[0]["seconds"])
+        newly_t = torch.as_tensor(newly_list, dtype=torch.long)
+        dropped = sorted(set(self.state.dropped) | set(newly_list))
+        per_class: dict[str, int] = {}
+        for label in self.labels[newly_t].tolist():
+            per_class[str(label)] = per_class.get(str(label), 0) + 1
+        record: dict[str, Any] = {
+            "round": len(self.state.rounds) + 1,
+            "epoch": epoch,
+            "global_step": int(state.global_step),
+            "newly_dropped": newly_list,
+            "newly_dropped_per_class": dict(sorted(per_class.items(), key=lambda kv: int(kv[0]))),
+            "num_dropped_total": len(dropped),
+            "num_kept": self.state.num_rows - len(dropped),
+            "poisons_dropped": None,
+            "clean_dropped": None,
+            "poisons_dropped_total": None,
+            "clean_dropped_total": None,
+            "embedding_seconds": round(emb.seconds, 4),
+            "selection_seconds": round(selection_seconds, 4),
+        }
+        if self.is_poison is not None:
+            new_poison = int(self.is_poison[newly_t].sum()) if newly_list else 0
+            all_t = torch.as_tensor(dropped, dtype=torch.long)
+            total_poison = int(self.is_poison[all_t].sum()) if dropped else 0
+            record.update(
+                poisons_dropped=new_poison,
+                clean_dropped=len(newly_list) - new_poison,
+                poisons_dropped_total=total_poison,
+                clean_dropped_total=len(dropped) - total_poison,
+            )
+        self.state.dropped = dropped
+        self.state.rounds.append(record)
+        if self.sampler is not None:
+            self.sampler.set_kept(self.state.kept)
+        if s["epic_save_embeddings"] and rank == 0:
+            self._save_embeddings(args, record, emb.embeddings, already, newly_t)
+        self._log(args, state, record)
+        return record
+
+    def _save_embeddings(
+        self,
+        args: TrainingArguments,
+        record: dict,
+        embeddings: torch.Tensor,
+        before: torch.Tensor,
+        newly: torch.Tensor,
+    ) -> None:
+        from safetensors.torch import save_file
+
+        n = self.state.num_rows
+        dropped_before = torch.zeros(n, dtype=torch.bool)
+        dropped_before[before] = True
+        newly_mask = torch.zeros(n, dtype=torch.bool)
+        newly_mask[newly] = True
+        tensors = {
+            "embeddings": embeddings.float().contiguous(),
+            "labels": self.labels.clone(),
+            "dropped_before": dropped_before,
+            "newly_dropped": newly_mask,
+        }
+        if self.is_poison is not None:
+            tensors["is_poison"] = self.is_poison.clone()
+        folder = os.path.join(args.output_dir, "epic_embeddings")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"round_{record['round']:03d}.safetensors")
+        save_file(
+            tensors, path + ".tmp", metadata={"round": str(record["round"]), "epoch": str(record["epoch"])}
+        )
+        os.replace(path + ".tmp", path)
+
+    def _log(self, args: TrainingArguments, state: TrainerState, record: dict[str, Any]) -> None:
+        logs: dict[str, float] = {
+            "epic/round": record["round"],
+            "epic/dropped_new": len(record["newly_dropped"]),
+            "epic/dropped_total": record["num_dropped_total"],
+            "epic/kept": record["num_kept"],
+            "epic/embedding_seconds": record["embedding_seconds"],
+            "epic/selection_seconds": record["selection_seconds"],
+        }
+        if record["poisons_dropped"] is not None:
+            logs.update(
+                {
+                    "epic/poisons_dropped": record["poisons_dropped"],
+                    "epic/clean_dropped": record["clean_dropped"],
+                    "epic/poisons_dropped_total": record["poisons_dropped_total"],
+                    "epic/clean_dropped_total": record["clean_dropped_total"],
+                }
+            )
+        if self.trainer is not None:
+            self.trainer.log(logs)
+        else:
+            state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
+        logger.info(
+            "EPIC round %d (epoch %d): dropped %d new, %d total, %d kept",
+            record["round"],
+            record["epoch"],
+            len(record["newly_dropped"]),
+            record["num_dropped_total"],
+            record["num_kept"],
+        )

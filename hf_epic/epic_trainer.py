@@ -1,0 +1,281 @@
+"""``EpicTrainer``: a ``transformers.Trainer`` with EPIC built in and a training set that may shrink."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .epic_callback import EpicCallback
+from .epic_config import EpicConfig
+from .state import STATE_FILE_NAME, EpicState
+
+__all__ = ["ORIGINAL_ROW_COLUMN", "EpicTrainer"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_TAGS = ["hf-epic", "epic", "data-poisoning-defense"]
+ORIGINAL_ROW_COLUMN = "epic_original_row"
+
+
+class EpicTrainer(Trainer):
+    """A ``Trainer`` that runs the EPIC defense and trains on a shrinking set correctly.
+
+    Compared with ``Trainer`` + :class:`~hf_epic.EpicCallback`: the step counts follow the kept set
+    (``state.epoch`` is whole at epoch ends, ``max_steps``, the progress bar and a linear/cosine LR
+    horizon are recomputed after each round, so the end-of-training save/evaluation fires and
+    gradient-accumulation boundaries fall at epoch ends); ``epic_state.json`` is written into every
+    checkpoint and ``output_dir`` and restored by ``train(resume_from_checkpoint=...)`` with the same
+    kept set and batch order; ``epic/*`` figures go through ``Trainer.log``; the model is tagged and
+    the model card gets an EPIC section.
+
+    Args:
+        model: The classifier (returns ``logits``; ``config.num_labels`` classes).
+        args: An :class:`~hf_epic.EpicConfig` (plain ``TrainingArguments`` only with ``epic_callback``).
+        *trainer_args: Passed to ``Trainer``.
+        epic_embedding_dataset: The training rows, same order, with an un-augmented transform, used for
+            the embedding pass (the reference embeds without augmentation). Default: ``train_dataset``.
+        epic_callback: A custom :class:`~hf_epic.EpicCallback` (e.g. a baseline defense). Default:
+            ``EpicCallback(args)``.
+        **trainer_kwargs: Passed to ``Trainer`` (``train_dataset``, ``eval_dataset``, ``callbacks``, ...).
+
+    Example:
+        >>> trainer = EpicTrainer(model=model, args=EpicConfig("out", remove_unused_columns=False,
+        ...                       epic_fraction=0.2, epic_start_epoch=2), train_dataset=train_ds)
+        >>> trainer.train()
+        >>> trainer.epic_state.dropped, trainer.cleaned_dataset()
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: TrainingArguments | None = None,
+        *trainer_args: Any,
+        epic_embedding_dataset: Any = None,
+        epic_callback: EpicCallback | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = EpicConfig(output_dir="trainer_output")
+        if epic_callback is None:
+            if not isinstance(args, EpicConfig):
+                raise TypeError(
+                    f"EpicTrainer needs args=EpicConfig(...) (got {type(args).__name__}); build your arguments "
+                    "with hf_epic.EpicConfig, which accepts every TrainingArguments field plus epic_*."
+                )
+            epic_callback = EpicCallback(args)
+        if not isinstance(epic_callback, EpicCallback):
+            raise TypeError(f"epic_callback must be an EpicCallback, got {type(epic_callback).__name__}.")
+        callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        super().__init__(model, args, *trainer_args, callbacks=[epic_callback, *callbacks], **trainer_kwargs)
+        self.epic_callback = epic_callback
+        epic_callback.trainer = self
+        if epic_embedding_dataset is not None:
+            epic_callback.embedding_dataset = epic_embedding_dataset
+        if self.train_dataset is not None:
+            epic_callback.train_dataset = self.train_dataset
+        self._epic_num_train_epochs: int | None = None
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(MODEL_TAGS)
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def epic_state(self) -> EpicState | None:
+        """The EPIC state: dropped/kept rows and one record per round (None before training)."""
+        return self.epic_callback.state
+
+    def cleaned_dataset(self) -> Any:
+        """Return the kept rows of the training set (``Dataset.select``) with their original positions.
+
+        The result carries a column ``epic_original_row`` with each row's position in the training set.
+        The training set itself is not modified.
+        """
+        if self.train_dataset is None:
+            raise ValueError("EpicTrainer has no train_dataset; pass train_dataset=... to the trainer.")
+        state = self.epic_state
+        dataset = self.train_dataset
+        kept = state.kept if state is not None else list(range(len(dataset)))
+        fmt = dataset.format
+        raw = dataset.with_format(None)
+        if ORIGINAL_ROW_COLUMN in raw.column_names:
+            raw = raw.remove_columns(ORIGINAL_ROW_COLUMN)
+        selected = raw.add_column(ORIGINAL_ROW_COLUMN, list(range(len(raw)))).select(kept)
+        if fmt["type"] == "custom":
+            selected.set_transform(
+                fmt["format_kwargs"]["transform"],
+                columns=fmt["columns"],
+                output_all_columns=fmt["output_all_columns"],
+            )
+        elif fmt["type"] is not None or fmt["columns"] is not None:
+            selected.set_format(
+                fmt["type"], fmt["columns"], fmt["output_all_columns"], **fmt["format_kwargs"]
+            )
+        return selected
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """Check the inputs, restore the EPIC state when resuming, then train (see ``Trainer.train``)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, STATE_FILE_NAME)
+            if os.path.isfile(path):
+                self.epic_callback.load_state(path)
+            else:
+                logger.warning(
+                    "%s has no %s: EPIC starts from an empty state.", resume_from_checkpoint, STATE_FILE_NAME
+                )
+                self.epic_callback.state = None
+        else:
+            self.epic_callback.state = None
+            self.epic_callback._epoch = 0
+        self.epic_callback._prepared = False
+        self.epic_callback.prepare(self.args, self.model, self.train_dataset)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
+
+    # ----------------------------------------------------------------- data and step counts
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """Iterate the kept rows, shuffled from seed + epoch."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return self.epic_callback.make_sampler(len(dataset), seed)
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: Any):
+        """As in ``Trainer``, but with ``max_steps`` set, allow as many epochs as the shrinking set needs."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if args.max_steps > 0:
+            values[0] = sys.maxsize
+        self._epic_num_train_epochs = values[0]
+        return tuple(values)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        """Resume at the epoch and step recorded in the EPIC state (epochs have different lengths)."""
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        epic = self.epic_callback.state
+        if resume_from_checkpoint is not None and epic is not None and epic.epoch_start_steps:
+            epochs_trained = len(epic.epoch_end_steps)
+            steps_trained = 0
+            if len(epic.epoch_start_steps) > epochs_trained and not self.args.ignore_data_skip:
+                done = self.state.global_step - epic.epoch_start_steps[epochs_trained]
+                steps_trained = done * self.args.gradient_accumulation_steps
+        return epochs_trained, steps_trained
+
+    def _run_epoch(
+        self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs
+    ):
+        """Run one epoch with step counts recomputed from the kept set (the callback ran its round already)."""
+        steps_in_epoch = len(train_dataloader)
+        accumulation = self.args.gradient_accumulation_steps
+        num_update_steps_per_epoch = max(math.ceil(steps_in_epoch / accumulation), 1)
+        self.epic_callback.sampler.set_epoch(epoch)
+        if self.args.max_steps <= 0 and self._epic_num_train_epochs is not None:
+            starts = self.epic_callback.state.epoch_start_steps
+            start = starts[epoch] if epoch < len(starts) else self.state.global_step
+            new_max = start + (self._epic_num_train_epochs - epoch) * num_update_steps_per_epoch
+            self._set_max_steps(new_max)
+        return super()._run_epoch(
+            model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs
+        )
+
+    def _set_max_steps(self, max_steps: int) -> None:
+        """Make ``state.max_steps``, the progress bar and the LR schedule's horizon agree."""
+        if max_steps == self.state.max_steps:
+            return
+        self.state.max_steps = max_steps
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
+            if bar is not None:
+                bar.total = max_steps
+                bar.refresh()
+        scheduler = self.lr_scheduler
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if not lambdas:
+            return
+        changed = False
+        for i, fn in enumerate(lambdas):
+            if isinstance(fn, functools.partial) and "num_training_steps" in fn.keywords:
+                lambdas[i] = functools.partial(
+                    fn.func, *fn.args, **{**fn.keywords, "num_training_steps": max_steps}
+                )
+                changed = True
+        if changed:
+            step = scheduler.last_epoch
+            new_lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, lambdas)]
+            for group, lr in zip(scheduler.optimizer.param_groups, new_lrs):
+                group["lr"] = lr
+            scheduler._last_lr = new_lrs
+
+    # ----------------------------------------------------------------- saving and loading
+
+    def _save_epic_state(self, folder: str) -> None:
+        if self.epic_callback.state is not None and self.args.should_save:
+            self.epic_callback.state.save(os.path.join(folder, STATE_FILE_NAME))
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write ``epic_state.json`` into the checkpoint folder, then the stock checkpoint."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        self._save_epic_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (as ``Trainer``) and ``epic_state.json`` beside it."""
+        super().save_model(output_dir, _internal_call)
+        self._save_epic_state(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """Load checkpoint weights strictly, in the model's own key format.
+
+        transformers 5.24 saves ViT weights under legacy key names and the stock resume loads them with
+        ``strict=False``, so the encoder silently stays at its initial weights. Here the checkpoint is
+        read with ``from_pretrained`` (which converts the keys) and copied with ``strict=True``.
+        """
+        from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+
+        target = model if model is not None else self.model
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and isinstance(
+            target, PreTrainedModel
+        )
+        files_ok = os.path.isfile(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)) and os.path.isfile(
+            os.path.join(resume_from_checkpoint, CONFIG_NAME)
+        )
+        if not (plain and files_ok) or getattr(target, "peft_config", None) is not None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        loaded = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Write the stock card, then add the EPIC section and metadata (``hf_epic.model_card``)."""
+        super().create_model_card(**kwargs)
+        if not self.is_world_process_zero():
+            return
+        try:
+            from .model_card import update_model_card
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.model_card":
+                raise
+            logger.info("hf_epic.model_card is not available; the model card has no EPIC section.")
+            return
+        update_model_card(self, path=os.path.join(self.args.output_dir, "README.md"))

@@ -1,0 +1,145 @@
+"""The EPIC state of a training run: dropped rows and one record per selection round, as JSON.
+
+The state is saved atomically (write to a temporary file in the same folder, then ``os.replace``)
+as ``epic_state.json`` into every checkpoint and into the output folder, and restored on resume.
+No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STATE_FILE_NAME = "epic_state.json"
+STATE_VERSION = 1
+
+__all__ = ["STATE_FILE_NAME", "EpicState", "atomic_write_json"]
+
+
+def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (readers never see a half-written file).
+
+    Args:
+        path: Destination file. Its folder is created if missing.
+        payload: Any JSON-serialisable object.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class EpicState:
+    """What EPIC has done so far in a run (mirrors ``epic_state.json``).
+
+    Args:
+        num_rows: Number of rows of the training set.
+        dropped: Sorted row positions dropped so far (cumulative; a dropped row never returns).
+        config: The ``epic_*`` settings of the run.
+        epoch_start_steps: Global step at which each started epoch began (index = epoch).
+        epoch_end_steps: Global step at which each finished epoch ended (index = epoch).
+        rounds: One dict per selection round (see ``docs/INTERFACES.md`` for the keys).
+        version: Format version of the file.
+    """
+
+    num_rows: int = 0
+    dropped: list[int] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    epoch_start_steps: list[int] = field(default_factory=list)
+    epoch_end_steps: list[int] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    @property
+    def kept(self) -> list[int]:
+        """Sorted row positions still trained on."""
+        dropped = set(self.dropped)
+        return [i for i in range(self.num_rows) if i not in dropped]
+
+    @property
+    def num_dropped(self) -> int:
+        """Number of rows dropped so far."""
+        return len(self.dropped)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (key order as in the contract)."""
+        data = asdict(self)
+        return {
+            "version": data["version"],
+            "num_rows": data["num_rows"],
+            "dropped": data["dropped"],
+            "config": data["config"],
+            "epoch_start_steps": data["epoch_start_steps"],
+            "epoch_end_steps": data["epoch_end_steps"],
+            "rounds": data["rounds"],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpicState:
+        """Build a state from a dict produced by :meth:`to_dict` (or read from ``epic_state.json``).
+
+        Args:
+            data: The dict.
+
+        Raises:
+            ValueError: If the version is unknown or a required key is missing.
+        """
+        version = int(data.get("version", -1))
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"epic_state.json has version {version}, this hf-epic reads version {STATE_VERSION}; "
+                "resume with the hf-epic release that wrote the checkpoint."
+            )
+        if "num_rows" not in data or "dropped" not in data:
+            raise ValueError("epic_state.json lacks 'num_rows' or 'dropped'; the file is damaged.")
+        return cls(
+            num_rows=int(data["num_rows"]),
+            dropped=sorted(int(i) for i in data["dropped"]),
+            config=dict(data.get("config", {})),
+            epoch_start_steps=[int(s) for s in data.get("epoch_start_steps", [])],
+            epoch_end_steps=[int(s) for s in data.get("epoch_end_steps", [])],
+            rounds=list(data.get("rounds", [])),
+            version=version,
+        )
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the state atomically.
+
+        Args:
+            path: A file path, or a folder (then ``<folder>/epic_state.json`` is written).
+
+        Returns:
+            The file path written.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path) or not path.endswith(".json"):
+            path = os.path.join(path, STATE_FILE_NAME)
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> EpicState:
+        """Read a state written by :meth:`save`.
+
+        Args:
+            path: The file, or the folder holding ``epic_state.json``.
+        """
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, STATE_FILE_NAME)
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))

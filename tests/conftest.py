@@ -1,0 +1,115 @@
+"""Shared fixtures for the trainer tests: small offline digits sets, tiny models, EpicConfig factory."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from transformers import default_data_collator
+
+IMAGE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_train():
+    from hf_epic.data import load_digits_dataset
+
+    return load_digits_dataset(variant="plain", seed=0, image_size=IMAGE_SIZE)["train"]
+
+
+@pytest.fixture
+def digits_train():
+    """The plain digits training split (1,438 rows, 16x16 grayscale, no transform)."""
+    return _digits_train()
+
+
+def small_digits(num_rows: int = 400, plant: dict[int, int] | None = None):
+    """The first ``num_rows`` digits, with a ``row_id`` column and, optionally, relabelled rows.
+
+    Args:
+        num_rows: Rows to keep.
+        plant: ``{row: new_label}``: rows whose label is changed (isolated points in gradient space).
+
+    Returns:
+        A ``datasets.Dataset`` with ``image``, ``label``, ``row_id`` and a bool ``is_poison`` column.
+    """
+    ds = _digits_train().select(range(num_rows)).flatten_indices()
+    plant = plant or {}
+    labels = list(ds["label"])
+    for row, label in plant.items():
+        labels[row] = label
+    features = ds.features.copy()
+    ds = ds.remove_columns("label").add_column("label", labels).cast_column("label", features["label"])
+    ds = ds.add_column("row_id", list(range(num_rows)))
+    return ds.add_column("is_poison", [i in plant for i in range(num_rows)])
+
+
+def with_pixels(ds, augment: bool = False):
+    """A view of ``ds`` whose rows carry ``pixel_values`` (the dataset itself is not changed)."""
+    from hf_epic.models import image_transform
+
+    return ds.with_transform(image_transform(IMAGE_SIZE, 1, augment=augment, seed=0))
+
+
+class RecordingCollator:
+    """A data collator that records the ``row_id`` of every row of every training batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        self.batches.append([int(f["row_id"]) for f in features])
+        keep = [{k: v for k, v in f.items() if k in ("pixel_values", "label")} for f in features]
+        return default_data_collator(keep)
+
+
+def make_config(output_dir, **overrides: Any):
+    """An EpicConfig for fast CPU tests (overridable)."""
+    from hf_epic.epic_config import EpicConfig
+
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 32,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "linear",
+        "remove_unused_columns": False,
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "seed": 0,
+        "epic_fraction": 0.2,
+        "epic_start_epoch": 1,
+        "epic_interval": 1,
+        "epic_embedding_batch_size": 256,
+    }
+    kwargs.update(overrides)
+    return EpicConfig(**kwargs)
+
+
+def tiny_cnn(seed: int = 0):
+    """A tiny timm ResNet for 16x16 grayscale digits, seeded."""
+    from hf_epic.models import build_tiny_cnn
+
+    torch.manual_seed(seed)
+    return build_tiny_cnn(10, IMAGE_SIZE, 1)
+
+
+def tiny_vit(seed: int = 0):
+    """A tiny HF ViT for 16x16 grayscale digits, seeded."""
+    from hf_epic.models import build_tiny_vit
+
+    torch.manual_seed(seed)
+    return build_tiny_vit(10, IMAGE_SIZE, 1)
+
+
+def tiny_timm_vit(seed: int = 0):
+    """A tiny timm ViT (TimmWrapper) for 16x16 grayscale digits, seeded."""
+    from hf_epic.models import build_tiny_timm
+
+    torch.manual_seed(seed)
+    return build_tiny_timm(10, IMAGE_SIZE, 1)

@@ -1,0 +1,162 @@
+"""EpicTrainer / EpicCallback end to end: real Trainer, real datasets, tiny models, CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import RecordingCollator, make_config, small_digits, tiny_cnn, tiny_vit, with_pixels
+from transformers import Trainer, TrainingArguments
+
+from hf_epic.epic_callback import EpicCallback
+from hf_epic.epic_trainer import ORIGINAL_ROW_COLUMN, EpicTrainer
+from hf_epic.state import EpicState
+
+PLANTED_ROWS = (5, 40, 77, 120, 200)
+
+
+def planted_digits(num_rows: int = 400):
+    """Digits whose PLANTED_ROWS are relabelled to another class: isolated in gradient space."""
+    base = small_digits(num_rows)
+    labels = base["label"]
+    return small_digits(num_rows, {r: (labels[r] + 5) % 10 for r in PLANTED_ROWS})
+
+
+def test_planted_rows_dropped_and_never_seen_again(tmp_path):
+    raw = planted_digits(400)
+    fingerprint = raw._fingerprint
+    train = with_pixels(raw)
+    collator = RecordingCollator()
+    args = make_config(tmp_path, num_train_epochs=4, epic_start_epoch=2, epic_interval=1, learning_rate=5e-3)
+    trainer = EpicTrainer(model=tiny_cnn(0), args=args, train_dataset=train, data_collator=collator)
+    trainer.train()
+    state = trainer.epic_state
+
+    # The planted rows are found (and the drop is selective: clean rows mostly stay).
+    dropped = set(state.dropped)
+    found = dropped & set(PLANTED_ROWS)
+    assert len(found) >= 4, f"planted rows dropped: {sorted(found)} of {PLANTED_ROWS}"
+    assert len(dropped - set(PLANTED_ROWS)) < 0.15 * 400
+    assert [r["epoch"] for r in state.rounds] == [2, 3]
+    assert sum(r["poisons_dropped"] for r in state.rounds) == len(found)
+
+    # One batch per optimizer step (no accumulation): batch b is trained at global step b + 1.
+    assert len(collator.batches) == trainer.state.global_step
+    for record in state.rounds:
+        gone = set(record["newly_dropped"])
+        later = {row for batch in collator.batches[record["global_step"] :] for row in batch}
+        assert not (gone & later), "a dropped row reached a batch after its round"
+    # Every epoch iterates exactly the rows kept at that time, each once.
+    kept = set(range(400))
+    for epoch, (start, end) in enumerate(zip(state.epoch_start_steps, state.epoch_end_steps)):
+        for record in state.rounds:
+            if record["epoch"] == epoch:
+                kept -= set(record["newly_dropped"])
+        rows = [row for batch in collator.batches[start:end] for row in batch]
+        assert sorted(rows) == sorted(kept)
+        assert end - start == math.ceil(len(kept) / 32)
+
+    # Trainer mechanics: whole epochs, consistent max_steps, linear LR reaches 0.
+    assert trainer.state.epoch == 4.0
+    assert trainer.state.global_step == trainer.state.max_steps
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    epic_logs = [h for h in trainer.state.log_history if "epic/dropped_new" in h]
+    assert [h["epic/round"] for h in epic_logs] == [1, 2]
+    assert "epic/poisons_dropped" in epic_logs[0]
+
+    # State file, user's dataset untouched, cleaned view, tags.
+    saved = EpicState.load(tmp_path / "epic_state.json")
+    assert saved.dropped == state.dropped
+    assert raw._fingerprint == fingerprint and raw.format["type"] is None
+    assert "pixel_values" not in raw.column_names
+    cleaned = trainer.cleaned_dataset()
+    assert len(cleaned) == 400 - len(dropped)
+    assert cleaned.with_format(None)[ORIGINAL_ROW_COLUMN] == state.kept
+    assert cleaned[0]["pixel_values"].shape == (1, 16, 16)
+    assert cleaned.with_format(None)["row_id"] == state.kept
+    assert {"hf-epic", "epic", "data-poisoning-defense"} <= set(trainer.model.model_tags)
+
+
+def test_gradient_accumulation_and_end_of_training_save(tmp_path):
+    train = with_pixels(small_digits(200))
+    args = make_config(
+        tmp_path,
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=3,
+        save_strategy="steps",
+        save_steps=1000,
+        epic_start_epoch=1,
+        epic_interval=1,
+        epic_fraction=0.3,
+    )
+    epochs_at_end: list[float] = []
+
+    class EpochEnds(EpicCallback.__mro__[1]):  # a plain TrainerCallback
+        def on_epoch_end(self, args, state, control, **kwargs):
+            epochs_at_end.append(state.epoch)
+
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train, callbacks=[EpochEnds()])
+    trainer.train()
+    state = trainer.epic_state
+    assert state.num_dropped > 0
+    assert epochs_at_end == [1.0, 2.0, 3.0]
+    kept = 200
+    for epoch, (start, end) in enumerate(zip(state.epoch_start_steps, state.epoch_end_steps)):
+        kept -= sum(len(r["newly_dropped"]) for r in state.rounds if r["epoch"] == epoch)
+        assert end - start == math.ceil(math.ceil(kept / 16) / 3)
+    assert trainer.state.global_step == trainer.state.max_steps
+    # DefaultFlowCallback's end-of-training save fired at the (recomputed) last step.
+    final = tmp_path / f"checkpoint-{trainer.state.global_step}"
+    assert final.is_dir()
+    assert json.loads((final / "epic_state.json").read_text())["dropped"] == state.dropped
+
+
+def test_last_layer_grad_and_saved_embeddings(tmp_path):
+    train = with_pixels(small_digits(150))
+    args = make_config(
+        tmp_path, num_train_epochs=2, epic_embedding="last_layer_grad", epic_save_embeddings=True
+    )
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train)
+    trainer.train()
+    from safetensors import safe_open
+
+    path = tmp_path / "epic_embeddings" / "round_001.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"round": "1", "epoch": "1"}
+        emb = handle.get_tensor("embeddings")
+        newly = handle.get_tensor("newly_dropped")
+        assert handle.get_tensor("is_poison").dtype == torch.bool
+    assert emb.shape == (150, 10 * 32)  # C x H for the tiny ViT (hidden size 32)
+    assert torch.nonzero(newly).flatten().tolist() == trainer.epic_state.rounds[0]["newly_dropped"]
+
+
+def test_plain_trainer_with_callback_iterates_only_kept_rows(tmp_path):
+    raw = small_digits(200)
+    collator = RecordingCollator()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=3,
+        per_device_train_batch_size=32,
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="no",
+    )
+    callback = EpicCallback(fraction=0.3, interval=1, start_epoch=1)
+    trainer = Trainer(model=tiny_cnn(0), args=args, train_dataset=with_pixels(raw), data_collator=collator)
+    trainer.add_callback(callback)
+    trainer.train()
+    state = callback.state
+    assert state.num_dropped > 0 and len(state.rounds) == 2
+    for record in state.rounds:
+        start = state.epoch_start_steps[record["epoch"]]
+        later = {row for batch in collator.batches[start:] for row in batch}
+        assert not (set(record["newly_dropped"]) & later)
+    assert sum(len(b) for b in collator.batches[state.epoch_start_steps[2] :]) == 200 - state.num_dropped
+    assert any("epic/round" in h for h in trainer.state.log_history)
+    assert os.path.isfile(tmp_path / "epic_state.json")
