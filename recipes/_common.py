@@ -29,6 +29,7 @@ RESULTS_FILE = "recipe_results.json"
 POISON_SPEC_FILE = "poison_spec.json"
 TARGETED_ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision")
 BACKDOOR_ATTACKS = ("sleeper_agent", "badnets")
+FEATURE_ATTACKS = ("bullseye_polytope", "feature_collision")  # need only the backbone's features
 
 
 @dataclass
@@ -362,6 +363,35 @@ def clean_backbone(
     return load_pretrained(str(folder), id2label), str(folder), reused
 
 
+def backbone_and_task_split(
+    kind: str, a: ScriptArguments, training_args: TrainingArguments, train: Any, id2label: dict[int, str]
+) -> tuple[Any, str, Any, dict[str, Any]]:
+    """The pretrained backbone and the rows to fine-tune on.
+
+    With ``--model_name_or_path`` the backbone is that model and every training row is used.
+    Without it (offline), a share ``--source_fraction`` of the training rows stays clean and trains
+    a tiny backbone of ``kind`` (cached in ``<output_dir>/_backbone``); the other rows are the task.
+
+    Args:
+        kind: Tiny model kind for the offline backbone.
+        a: Script arguments.
+        training_args: The run's arguments.
+        train: The training split.
+        id2label: Class names.
+
+    Returns:
+        ``(backbone, source_name, task_rows, key)``: the backbone model, the name or folder to load
+        fresh copies from, the rows to poison and fine-tune on, and settings for the poison cache.
+    """
+    if a.model_name_or_path:
+        return load_pretrained(a.model_name_or_path, id2label), a.model_name_or_path, train, {}
+    source, task = split_source(train, a.source_fraction, training_args.seed)
+    backbone, folder, reused = clean_backbone(kind, a, training_args, source, id2label)
+    note = "reused from the cache" if reused else "trained now"
+    print(f"backbone: tiny {kind} on {len(source)} clean source rows ({note}), saved in {folder}")
+    return backbone, folder, task, {"backbone": json.loads((Path(folder) / BACKBONE_INFO).read_text())}
+
+
 def freeze_all_but_head(model: Any) -> int:
     """Freeze every parameter except the final classifier; return the trainable count.
 
@@ -443,6 +473,11 @@ def craft_poisons(a: ScriptArguments, train: Any, test: Any, surrogate: Any = No
         "progress": False,
         "seed": a.attack_seed,
     }
+    model = wanted["model"]
+    if model is not None and hasattr(model, "set_attn_implementation"):
+        # Gradient attacks differentiate through the gradient (double backward), which the fused
+        # CPU attention kernel does not support; the eager one does.
+        model.set_attn_implementation("eager")
     params = inspect.signature(craft).parameters
     kwargs = {k: v for k, v in wanted.items() if k in params}
     return craft(train, **kwargs)

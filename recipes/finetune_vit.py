@@ -1,0 +1,160 @@
+"""Fine-tune a pretrained Vision Transformer on a poisoned data set, with EPIC. The main recipe.
+
+Offline default (no download): half of the digits training rows stay clean and train a tiny ViT
+backbone built from a config (cached in ``<output_dir>/_backbone`` and reused by later runs);
+the other half is poisoned by a targeted attack crafted on that backbone (the
+attacker knows the public pretrained weights), and the whole ViT is fine-tuned on it with a new
+head, under EPIC. The run ends with clean accuracy, attack success and what EPIC dropped, and
+writes a model card with plots. Commands (from the repository root):
+
+    # one process (CPU, or one GPU)
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \\
+        recipes/finetune_vit.py --output_dir outputs/finetune_vit
+
+    # two CPU processes (DDP over gloo)
+    accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml \\
+        recipes/finetune_vit.py --output_dir outputs/finetune_vit_ddp
+
+    # real pretrained weights (needs the internet): ViT-B/16 from ImageNet-21k, at 224 pixels
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml \\
+        recipes/finetune_vit.py --output_dir outputs/vit_b16_digits \\
+        --model_name_or_path google/vit-base-patch16-224-in21k --image_size 224 \\
+        --learning_rate 1e-4 --per_device_train_batch_size 32 --num_train_epochs 10
+
+    # or a timm checkpoint
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \\
+        recipes/finetune_vit.py --output_dir outputs/timm_vit_digits \\
+        --model_name_or_path timm/vit_tiny_patch16_224.augreg_in21k --image_size 224 --learning_rate 1e-4
+
+    # compare with undefended fine-tuning, and push the defended model, card and plots
+    accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \\
+        recipes/finetune_vit.py --output_dir outputs/finetune_vit --compare_undefended \\
+        --push_to_hub --hub_model_id <you>/vit-digits-epic
+
+Every ``TrainingArguments`` flag and every ``--epic_*`` flag of ``hf_epic.EpicConfig`` works here;
+``python recipes/finetune_vit.py --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    FEATURE_ATTACKS,
+    Timer,
+    backbone_and_task_split,
+    banner,
+    dataset_label,
+    evaluate_run,
+    is_main_process,
+    label_names,
+    load_data,
+    load_pretrained,
+    make_trainer,
+    parse_args,
+    poisoned_training_set,
+    print_table,
+    reset_head,
+    save_and_push,
+    summary_row,
+    undefended_args,
+)
+
+SCRIPT_DEFAULTS = {
+    "image_size": 16,
+    "attack": "gradient_matching",
+    "max_train_rows": 3000,
+    "source_fraction": 0.5,
+    "backbone_epochs": 10,
+}
+TRAINING_DEFAULTS = {
+    "output_dir": "outputs/finetune_vit",
+    "num_train_epochs": 8,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_strategy": "epoch",
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "disable_tqdm": True,
+    "epic_fraction": 0.2,
+    "epic_start_epoch": 2,
+    "epic_interval": 1,
+}
+
+
+def fresh_model(source: str, id2label: dict[int, str], seed: int, pretrained_head: bool):
+    """A fresh copy of the backbone with a new classification head.
+
+    Args:
+        source: Hub id, timm name or the cached backbone's folder.
+        id2label: Class names.
+        seed: Seed of the new head.
+        pretrained_head: True when the loaded head was trained on the source task (then it is
+            re-initialised; a Hub model's head is replaced by ``from_pretrained`` already).
+    """
+    model = load_pretrained(source, id2label)
+    if pretrained_head:
+        reset_head(model, seed)
+    return model
+
+
+def main() -> None:
+    """Run the recipe."""
+    timer = Timer()
+    a, training_args = parse_args(SCRIPT_DEFAULTS, TRAINING_DEFAULTS)
+
+    banner("data")
+    splits = load_data(a, seed=training_args.seed)
+    train, test = splits["train"], splits["test"]
+    id2label = label_names(train)
+    print(f"{dataset_label(a)}: {len(train)} training rows, {len(test)} test rows, {len(id2label)} classes")
+
+    banner("model")
+    backbone, source, task, key = backbone_and_task_split("vit", a, training_args, train, id2label)
+    offline = not a.model_name_or_path
+
+    banner("attack")
+    # White-box on the pretrained weights: the poisons are crafted on the backbone. A Hub model's new
+    # head is untrained, so gradient attacks then train their own surrogate instead.
+    surrogate = backbone if offline or a.attack in FEATURE_ATTACKS else None
+    poisoned, spec, reused = poisoned_training_set(a, training_args, task, test, surrogate, key)
+    if spec is not None:
+        print(
+            f"{spec.attack}: {len(spec.poison_indices)} poisons of {len(poisoned)} rows in class "
+            f"{spec.poison_class}, targets {spec.target_indices} (class {spec.target_class})"
+            + (" [cached]" if reused else "")
+        )
+
+    banner("training")
+    model = fresh_model(source, id2label, training_args.seed, pretrained_head=offline)
+    trainer = make_trainer(model, training_args, a, poisoned, test)
+    trainer.train()
+    state = trainer.epic_state
+    print(f"EPIC: {len(state.rounds)} rounds, {state.num_dropped} of {state.num_rows} rows dropped")
+
+    banner("evaluation")
+    metrics = evaluate_run(trainer, a, test, spec)
+    rows = [summary_row(f"EPIC-{training_args.epic_fraction}", trainer, metrics, spec)]
+    if a.compare_undefended:
+        plain = fresh_model(source, id2label, training_args.seed, pretrained_head=offline)
+        baseline = make_trainer(plain, undefended_args(training_args), a, poisoned, test)
+        baseline.train()
+        rows.append(summary_row("no defense", baseline, evaluate_run(baseline, a, test, spec), spec))
+
+    banner("save and push")
+    save_and_push(trainer, training_args, a, spec, rows, a.model_name_or_path, dataset_label(a))
+    if is_main_process():
+        print_table(rows, timer())
+
+
+if __name__ == "__main__":
+    main()
