@@ -127,6 +127,34 @@ def _json_default(obj: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def find_image_column(ds: Dataset, image_column: str | None = None) -> str:
+    """Return ``image_column`` if it is a column, else the first ``datasets.Image`` column, else
+    ``"image"``/``"img"``.
+
+    Raises:
+        TypeError: if ``ds`` is not a ``datasets.Dataset``.
+        ValueError: if no image column can be found.
+    """
+    if not isinstance(ds, Dataset):
+        raise TypeError(
+            f"expected a datasets.Dataset, got {type(ds).__name__}; pass one split, e.g. dataset_dict['train']."
+        )
+    cols = ds.column_names
+    if image_column is None:
+        image_column = next((c for c in cols if isinstance(ds.features[c], Image)), None)
+        if image_column is None:
+            image_column = next((c for c in ("image", "img") if c in cols), None)
+        if image_column is None:
+            raise ValueError(
+                f"no image column found among {cols}; pass image_column=<name of the image column>."
+            )
+    elif image_column not in cols:
+        raise ValueError(
+            f"image_column={image_column!r} is not a column of the dataset {cols}; pass one of those."
+        )
+    return image_column
+
+
 def resolve_columns(ds: Dataset, image_column: str | None, label_column: str | None) -> tuple[str, str]:
     """Find the image and label columns of a dataset.
 
@@ -148,18 +176,7 @@ def resolve_columns(ds: Dataset, image_column: str | None, label_column: str | N
             f"expected a datasets.Dataset, got {type(ds).__name__}; pass one split, e.g. dataset_dict['train']."
         )
     cols = ds.column_names
-    if image_column is None:
-        image_column = next((c for c in cols if isinstance(ds.features[c], Image)), None)
-        if image_column is None:
-            image_column = next((c for c in ("image", "img") if c in cols), None)
-        if image_column is None:
-            raise ValueError(
-                f"no image column found among {cols}; pass image_column=<name of the image column>."
-            )
-    elif image_column not in cols:
-        raise ValueError(
-            f"image_column={image_column!r} is not a column of the dataset {cols}; pass one of those."
-        )
+    image_column = find_image_column(ds, image_column)
     if label_column is None:
         label_column = next((c for c in ("label", "labels") if c in cols), None)
         if label_column is None:

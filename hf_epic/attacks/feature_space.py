@@ -1,0 +1,218 @@
+"""Shared machinery of the feature-space attacks (Bullseye Polytope, Feature Collision).
+
+Both perturb poison-class training images, within an l_inf ball, so that the penultimate features
+of a (pretrained) feature extractor approach the target's features. A victim that trains a
+classifier on those features (transfer learning: frozen extractor, new linear head) or fine-tunes
+from them then places the target among the poisons, i.e. in the poison class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from .common import check_count, check_targets, freeze, get_surrogate, load_training_set, unfreeze
+from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
+from .surrogate import Normalization, choose_targets, features_of, predict
+
+OBJECTIVES = ("polytope", "collision")
+SETTINGS = ("transfer", "finetune")
+
+
+def feature_loss(
+    poison_features: torch.Tensor, target_features: torch.Tensor, objective: str
+) -> torch.Tensor:
+    """Relative squared feature distance, the objective both attacks minimise.
+
+    ``"polytope"``: ``|mean_i f(x_i) - mean_t f(x_t)|^2 / |mean_t f(x_t)|^2`` (the target at the centre
+    of the poisons' polytope). ``"collision"``: the mean over poisons of ``|f(x_i) - mean_t f(x_t)|^2 /
+    |mean_t f(x_t)|^2`` (every poison on top of the target).
+    """
+    centre = target_features.mean(0)
+    scale = (centre * centre).sum().clamp_min(1e-12)
+    if objective == "polytope":
+        diff = poison_features.mean(0) - centre
+        return (diff * diff).sum() / scale
+    return ((poison_features - centre) ** 2).sum(1).mean() / scale
+
+
+def nearest_rows(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    candidates: torch.Tensor,
+    target_features: torch.Tensor,
+    count: int,
+    normalization: Normalization,
+    batch_size: int = 256,
+) -> list[int]:
+    """Candidate rows whose features are closest to the target's (sorted row positions)."""
+    dev = next(model.parameters()).device
+    centre = target_features.mean(0)
+    dists = []
+    with torch.no_grad():
+        for start in range(0, len(candidates), batch_size):
+            rows = candidates[start : start + batch_size]
+            f = features_of(model, x[rows].to(dev), normalization)
+            dists.append(((f - centre) ** 2).sum(1).cpu())
+    order = torch.cat(dists).argsort()[:count]
+    return sorted(int(candidates[i]) for i in order)
+
+
+def craft_feature_attack(
+    attack: str,
+    objective: str,
+    train_ds: Dataset,
+    *,
+    target_ds: Dataset,
+    target_indices: list[int] | None,
+    poison_class: int | None,
+    num_targets: int,
+    target_selection: str,
+    budget: float,
+    epsilon: float,
+    model: torch.nn.Module | None,
+    surrogate_epochs: int | None,
+    setting: str,
+    steps: int,
+    step_size: float,
+    poison_selection: str,
+    batch_size: int,
+    image_column: str | None,
+    label_column: str | None,
+    target_image_column: str | None,
+    device: str | torch.device | None,
+    normalization: Normalization,
+    progress: bool,
+    seed: int,
+) -> tuple[Dataset, PoisonSpec]:
+    """Common body of :func:`craft_bullseye_polytope` and :func:`craft_feature_collision` (same args)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: use one of {OBJECTIVES}.")
+    train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
+    t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r}: use 'transfer' (frozen features) or 'finetune'.")
+    if target_selection not in ("low_margin", "random"):
+        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
+    if poison_selection not in ("nearest", "random"):
+        raise ValueError(f"poison_selection={poison_selection!r}: use 'nearest' or 'random'.")
+    if poison_class is not None:
+        check_count(train, budget, poison_class)
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1.")
+
+    surrogate, surrogate_info = get_surrogate(
+        train_ds,
+        model,
+        surrogate_epochs,
+        seed=seed,
+        image_column=train.image_column,
+        label_column=train.label_column,
+        device=device,
+        normalization=normalization,
+        progress=progress,
+    )
+    chosen_here = target_indices is None
+    if chosen_here:
+        target_indices, poison_class = choose_targets(
+            surrogate,
+            target_ds,
+            num_targets=num_targets,
+            poison_class=poison_class,
+            strategy=target_selection,
+            seed=seed,
+            image_column=t_img,
+            label_column=t_lab,
+            normalization=normalization,
+        )
+    target_indices = [int(i) for i in target_indices]
+    target_class = int(target_ds[target_indices[0]][t_lab])
+    x_target = images_to_tensor(target_ds, t_img, target_indices)
+    if poison_class is None:
+        logits = predict(surrogate, x_target[:1], normalization=normalization)[0]
+        logits[target_class] = -math.inf
+        poison_class = int(logits.argmax())
+    count = check_count(train, budget, poison_class)
+
+    dev = next(surrogate.parameters()).device
+    flags = freeze(surrogate)
+    try:
+        with torch.no_grad():
+            target_features = features_of(surrogate, x_target.to(dev), normalization)
+        x_all = images_to_tensor(train_ds, train.image_column)
+        candidates = (train.labels == poison_class).nonzero().flatten()
+        if poison_selection == "nearest":
+            poison_indices = nearest_rows(surrogate, x_all, candidates, target_features, count, normalization)
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            poison_indices = sorted(
+                int(i) for i in candidates[torch.randperm(len(candidates), generator=gen)[:count]]
+            )
+        del x_all
+        clean_uint8 = images_to_uint8(train_ds, train.image_column, poison_indices)
+        x_clean = clean_uint8.float().div(255).to(dev)
+
+        def loss_of(delta: torch.Tensor) -> torch.Tensor:
+            feats = torch.cat(
+                [
+                    features_of(
+                        surrogate, x_clean[s : s + batch_size] + delta[s : s + batch_size], normalization
+                    )
+                    for s in range(0, count, batch_size)
+                ]
+            )
+            return feature_loss(feats, target_features, objective)
+
+        with torch.no_grad():
+            initial = float(loss_of(torch.zeros_like(x_clean)))
+        delta = torch.zeros_like(x_clean, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=step_size * epsilon)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        bar = tqdm(range(steps), desc=attack.replace("_", " "), disable=not progress, leave=False)
+        for _ in bar:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(delta)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                delta.clamp_(-epsilon, epsilon)
+                delta.copy_((x_clean + delta).clamp(0, 1) - x_clean)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        poisons = quantise_poisons(x_clean + delta.detach(), clean_uint8, epsilon)
+        with torch.no_grad():
+            final = float(loss_of(poisons.float().div(255).to(dev) - x_clean))
+    finally:
+        unfreeze(flags)
+
+    poisoned = build_poisoned_dataset(
+        train_ds, train.image_column, train.label_column, poison_indices, poisons
+    )
+    params: dict[str, Any] = {
+        "objective": objective,
+        "setting": setting,
+        "steps": steps,
+        "step_size": step_size,
+        "poison_selection": poison_selection,
+        "target_selection": target_selection if chosen_here else "given",
+        "surrogate": surrogate_info,
+        "feature_loss_initial": initial,
+        "feature_loss_final": final,
+    }
+    spec = PoisonSpec(
+        attack=attack,
+        poison_class=int(poison_class),
+        target_class=target_class,
+        target_indices=target_indices,
+        budget=float(budget),
+        epsilon=float(epsilon),
+        seed=int(seed),
+        poison_indices=poison_indices,
+        num_rows=train_ds.num_rows,
+        params=params,
+    )
+    return poisoned, spec
