@@ -1,0 +1,73 @@
+"""Resuming an EpicTrainer run from a mid-training checkpoint reproduces the uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RecordingCollator, make_config, small_digits, tiny_timm_vit, tiny_vit, with_pixels
+
+from hf_epic.epic_trainer import EpicTrainer
+from hf_epic.state import EpicState
+
+BUILDERS = {"hf-vit": tiny_vit, "timm-vit": tiny_timm_vit}
+
+
+def _run(output_dir, builder, model_seed: int, resume: str | None = None):
+    train = with_pixels(small_digits(96))
+    collator = RecordingCollator()
+    args = make_config(
+        output_dir,
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        save_strategy="steps",
+        save_steps=8,  # step 8 is in the middle of epoch 1, after round 1 (epoch 0 has 6 steps)
+        epic_start_epoch=1,
+        epic_interval=1,
+        epic_fraction=0.3,
+    )
+    trainer = EpicTrainer(model=builder(model_seed), args=args, train_dataset=train, data_collator=collator)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, collator
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, name):
+    builder = BUILDERS[name]
+    full, full_batches = _run(tmp_path / "full", builder, model_seed=0)
+    checkpoint = tmp_path / "full" / "checkpoint-8"
+    saved = EpicState.load(checkpoint)
+    assert len(saved.rounds) == 1 and saved.num_dropped > 0
+    assert saved.epoch_start_steps == [0, 6] and saved.epoch_end_steps == [6]
+
+    # A different initial model: the resumed run must really load the checkpoint's weights.
+    resumed, resumed_batches = _run(tmp_path / "resumed", builder, model_seed=1, resume=str(checkpoint))
+
+    assert resumed.epic_state.dropped == full.epic_state.dropped
+    assert [r["newly_dropped"] for r in resumed.epic_state.rounds] == [
+        r["newly_dropped"] for r in full.epic_state.rounds
+    ]
+    assert resumed.epic_state.epoch_start_steps == full.epic_state.epoch_start_steps
+    # Same batch order after the checkpoint (batch b is trained at global step b + 1).
+    assert resumed_batches.batches == full_batches.batches[8:]
+    assert resumed.state.global_step == full.state.global_step == full.state.max_steps
+    assert resumed.state.epoch == 3.0
+    full_sd, resumed_sd = full.model.state_dict(), resumed.model.state_dict()
+    assert full_sd.keys() == resumed_sd.keys()
+    for key in full_sd:
+        torch.testing.assert_close(resumed_sd[key], full_sd[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resume_from_epoch_end_checkpoint_and_true(tmp_path):
+    train = with_pixels(small_digits(120))
+    args = make_config(tmp_path, num_train_epochs=2, save_strategy="epoch", epic_fraction=0.3)
+    first = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train)
+    first.train()
+    state_at_end = EpicState.load(tmp_path / f"checkpoint-{first.state.global_step}")
+    assert state_at_end.epoch_end_steps[-1] == first.state.global_step
+    # Resuming a finished run (resume_from_checkpoint=True picks the last checkpoint) trains nothing more.
+    again = EpicTrainer(model=tiny_vit(1), args=args, train_dataset=train)
+    again.train(resume_from_checkpoint=True)
+    assert again.epic_state.dropped == first.epic_state.dropped
+    assert again.state.global_step == first.state.global_step
+    for key, value in first.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
