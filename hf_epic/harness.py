@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ class HarnessConfig:
         seed: base seed; a cell's training seed is ``seed + trial``.
         num_workers: DataLoader workers.
         progress: show progress bars (crafting and training).
+        pretrain_epochs: clean training epochs of the feature extractor that the transfer / fine-tuning
+            attacks (Bullseye Polytope, Feature Collision) craft against and the victim starts from.
+        finetune_learning_rate: learning rate of the victim in the ``setting="finetune"`` case.
     """
 
     dataset: str = "digits"
@@ -100,6 +104,8 @@ class HarnessConfig:
     seed: int = 0
     num_workers: int = 0
     progress: bool = False
+    pretrain_epochs: int = 12
+    finetune_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
         """Validate the settings before any time is spent."""
@@ -431,8 +437,88 @@ def _attack_function(attack: str) -> Callable[..., Any]:
     return getattr(module, f"craft_{attack}")
 
 
+def victim_setting(attack: str, config: HarnessConfig) -> str:
+    """How the victim trains for this attack: ``"scratch"``, ``"transfer"`` (frozen features, new head)
+    or ``"finetune"`` (whole pretrained model), from the attack's ``setting`` argument when it has one.
+
+    Args:
+        attack: attack name.
+        config: harness settings (``attack_kwargs[attack]["setting"]`` overrides the attack's default).
+    """
+    parameter = inspect.signature(_attack_function(attack)).parameters.get("setting")
+    if parameter is None:
+        return "scratch"
+    setting = config.attack_kwargs.get(attack, {}).get("setting", parameter.default)
+    if setting not in ("transfer", "finetune"):
+        raise ValueError(f"attack_kwargs[{attack!r}]['setting']={setting!r}: use 'transfer' or 'finetune'.")
+    return setting
+
+
+def pretrained_model(trial: int, splits: Any, config: HarnessConfig, cache_dir: str | os.PathLike) -> Any:
+    """The trial's feature extractor: the victim architecture trained on the clean set (cached as safetensors).
+
+    Transfer and fine-tuning attacks craft against it (white-box) and the victim starts from it.
+
+    Args:
+        trial: trial number (seeds initialisation and training).
+        splits: ``DatasetDict`` with the clean ``train`` split.
+        config: harness settings (``model``, ``pretrain_epochs``).
+        cache_dir: folder of the cached weights (``<cache_dir>/trial_<t>/model.safetensors``).
+
+    Returns:
+        A freshly loaded copy of the pretrained model, in eval mode.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from hf_epic.attacks.surrogate import train_surrogate
+
+    path = Path(cache_dir) / f"trial_{trial:03d}" / "model.safetensors"
+    num_labels = splits["train"].features["label"].num_classes
+    torch.manual_seed(_train_seed(config, trial))
+    model = _build_model(config, num_labels)
+    if path.exists():
+        model.load_state_dict(load_file(str(path)), strict=True)
+        return model.eval()
+    train_surrogate(
+        splits["train"],
+        model=model,
+        epochs=config.pretrain_epochs,
+        seed=_train_seed(config, trial),
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        progress=config.progress,
+    )
+    model = model.cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path.with_suffix(".tmp")))
+    os.replace(path.with_suffix(".tmp"), path)
+    return model.eval()
+
+
+def _freeze_features(model: Any) -> None:
+    """Transfer setting: freeze all but a re-initialised final layer and keep normalisation layers in eval."""
+    from hf_epic.attacks.surrogate import classifier_layer
+
+    head = classifier_layer(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head.reset_parameters()
+    for parameter in head.parameters():
+        parameter.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)):
+            module.eval()
+            # the Trainer calls model.train() every step; frozen features must keep their statistics
+            module.train = types.MethodType(lambda self, mode=True: self, module)
+
+
 def craft_or_load(
-    attack: str, trial: int, splits: Any, config: HarnessConfig, cache_dir: str | os.PathLike
+    attack: str,
+    trial: int,
+    splits: Any,
+    config: HarnessConfig,
+    cache_dir: str | os.PathLike,
+    model: Any = None,
 ) -> tuple[Any, Any, float]:
     """Craft the trial's poisoned training set, or load it from the cache written by an earlier call.
 
@@ -442,6 +528,7 @@ def craft_or_load(
         splits: ``DatasetDict`` with the clean ``train`` and ``test`` splits.
         config: harness settings (``attack_kwargs[attack]`` is passed to the attack).
         cache_dir: folder of the cached sets (``<cache_dir>/<attack>/trial_<t>``).
+        model: the pretrained model to attack (transfer / fine-tuning attacks), passed as ``model=``.
 
     Returns:
         ``(poisoned_ds, spec, craft_seconds)``.
@@ -467,6 +554,8 @@ def craft_or_load(
         kwargs.setdefault("target_ds", splits["test"])
     if "progress" in parameters:
         kwargs.setdefault("progress", config.progress)
+    if model is not None:
+        kwargs.setdefault("model", model)
     required = parameters.get("poison_class")
     if required is not None and required.default is inspect.Parameter.empty and "poison_class" not in kwargs:
         # attacks that need a class (the backdoors) get one drawn from the trial's seed
@@ -597,6 +686,8 @@ def run_cell(
     config: HarnessConfig,
     work_dir: str | os.PathLike,
     schedule: Sequence[Mapping[int, int]] | None = None,
+    initial_model: Any = None,
+    setting: str = "scratch",
 ) -> dict[str, Any]:
     """Train one model on a poisoned set under one defense and score it.
 
@@ -610,6 +701,9 @@ def run_cell(
         config: harness settings.
         work_dir: the trainer's ``output_dir`` (``epic_state.json`` lands there).
         schedule: for the baseline defenses, the reference EPIC run's per-round per-class drop counts.
+        initial_model: the pretrained model the victim starts from (``setting`` transfer / finetune).
+        setting: ``"scratch"`` (new random model), ``"transfer"`` (train a new head on the frozen
+            features of ``initial_model``) or ``"finetune"`` (train all of ``initial_model``).
 
     Returns:
         The cell's record (JSON-serialisable).
@@ -631,7 +725,7 @@ def run_cell(
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=256,
-        learning_rate=config.learning_rate,
+        learning_rate=config.finetune_learning_rate if setting == "finetune" else config.learning_rate,
         weight_decay=5e-4,
         lr_scheduler_type="linear",
         save_strategy="no",
@@ -640,6 +734,7 @@ def run_cell(
         disable_tqdm=not config.progress,
         remove_unused_columns=False,
         dataloader_num_workers=config.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         seed=seed,
         epic_enabled=defense != "none",
         epic_fraction=fraction,
@@ -647,7 +742,15 @@ def run_cell(
         epic_start_epoch=config.epic_start,
     )
     num_labels = poisoned.features["label"].num_classes
-    model = _build_model(config, num_labels)
+    if setting == "scratch":
+        torch.manual_seed(seed)
+        model = _build_model(config, num_labels)
+    else:
+        if initial_model is None:
+            raise ValueError(f"setting={setting!r} needs the pretrained initial_model to start from.")
+        model = initial_model
+        if setting == "transfer":
+            _freeze_features(model)
     callback = None
     if defense in BASELINE_DEFENSES:
         callback = baseline_callback(defense, args, schedule=schedule, seed=seed)
@@ -686,6 +789,7 @@ def run_cell(
         "defense": defense,
         "poison_class": int(spec.poison_class),
         "target_indices": [int(i) for i in spec.target_indices],
+        "setting": setting,
         **attack_scores,
         "clean_accuracy": accuracy["clean_accuracy"],
         "num_rows": len(poisoned),
@@ -787,15 +891,34 @@ def run_benchmark(
                 continue
             if splits is None:
                 splits = load_benchmark_dataset(config)
-            poisoned, spec, craft_seconds = craft_or_load(attack, trial, splits, config, out / "poisons")
+            setting = victim_setting(attack, config)
+            pretrained = None
+            if setting != "scratch":
+                pretrained = pretrained_model(trial, splits, config, out / "pretrained")
+            poisoned, spec, craft_seconds = craft_or_load(
+                attack, trial, splits, config, out / "poisons", model=pretrained
+            )
             for defense in missing:
                 schedule = None
                 if defense in BASELINE_DEFENSES:
                     ref = store.get(cell_key(trial, attack, reference))
                     schedule = [{int(c): n for c, n in r.items()} for r in ref["rounds_per_class"]]
                 work_dir = out / "runs" / attack / f"trial_{trial:03d}" / defense
+                initial = None
+                if setting != "scratch":  # a fresh copy per defense
+                    initial = pretrained_model(trial, splits, config, out / "pretrained")
                 record = run_cell(
-                    trial, attack, defense, poisoned, spec, splits["test"], config, work_dir, schedule
+                    trial,
+                    attack,
+                    defense,
+                    poisoned,
+                    spec,
+                    splits["test"],
+                    config,
+                    work_dir,
+                    schedule,
+                    initial_model=initial,
+                    setting=setting,
                 )
                 record["craft_seconds"] = craft_seconds
                 store.append(record)

@@ -1,0 +1,147 @@
+"""Benchmark EPIC and baseline defenses against poisoning attacks: trials x attacks x defenses.
+
+Every (trial, attack, defense) cell trains one model and appends its record to
+``<output_dir>/results.jsonl`` as soon as it finishes; rerunning the same command skips the finished
+cells, so an interrupted run loses at most the cell in progress. At the end ``results.md`` (table),
+``results.json`` (summary + every record + settings) and ``results.png`` (ASR and clean accuracy per
+attack and defense) are written. The library behind it is :mod:`hf_epic.harness`.
+
+Defenses: none, epic-0.1, epic-0.2, epic-0.3, and at EPIC-0.2's drop counts (same rounds, same rows
+per class): random, high-loss, low-confidence.
+Attacks: gradient_matching, bullseye_polytope (transfer), feature_collision (transfer), sleeper_agent,
+badnets.
+
+Ready-to-paste commands (from the repository root):
+
+    # smallest smoke run (one trial, BadNets, no defense vs EPIC-0.2; about a minute on a laptop CPU)
+    .venv/bin/python recipes/benchmark.py --trials 1 --attacks badnets --defenses none epic-0.2 \\
+        --train_size 300 --test_size 200 --image_size 16 --epochs 3 --output_dir bench_out/smoke
+
+    # the offline acceptance grid on the hard digits (long on a CPU; resumable)
+    .venv/bin/python recipes/benchmark.py --trials 12 --output_dir bench_out/digits
+
+    # EPIC against the loss/confidence baselines on gradient matching only
+    .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
+        --defenses none epic-0.2 random high-loss low-confidence --output_dir bench_out/gm
+
+    # a stronger gradient-matching budget through the attack's own arguments
+    .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
+        --attack_kwargs '{"gradient_matching": {"epsilon": 0.0627, "budget": 0.02}}' --output_dir bench_out/gm16
+
+    # a real dataset (needs the internet; the same code path)
+    .venv/bin/python recipes/benchmark.py --dataset cifar10 --model cnn --image_size 32 --trials 12 \\
+        --epochs 40 --output_dir bench_out/cifar10
+
+    # only rewrite the report from the records already there (every cell done -> no training)
+    .venv/bin/python recipes/benchmark.py --trials 12 --output_dir bench_out/digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hf_epic.harness import ATTACKS, DEFENSES, HarnessConfig, run_benchmark
+
+
+def _trials(text: str) -> list[int]:
+    """Parse ``--trials``: ``N`` means trials 0..N-1; ``a-b`` a range; ``1,4,7`` a list."""
+    text = text.strip()
+    try:
+        if "," in text:
+            return [int(t) for t in text.split(",") if t.strip()]
+        if "-" in text:
+            first, last = (int(t) for t in text.split("-", 1))
+            return list(range(first, last + 1))
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--trials {text!r}: pass a count (12), a range (3-7) or a list (0,4,9)."
+        ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--trials {count}: pass at least 1.")
+    return list(range(count))
+
+
+def _json_dict(text: str) -> dict:
+    """Parse ``--attack_kwargs``: a JSON object of attack name -> keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f'--attack_kwargs is not valid JSON ({err}); e.g. \'{{"badnets": {{"budget": 0.05}}}}\'.'
+        ) from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(
+            "--attack_kwargs must map attack names to objects of keyword arguments."
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (every ``HarnessConfig`` field plus the grid and output folder)."""
+    defaults = HarnessConfig()
+    parser = argparse.ArgumentParser(
+        description="Run trials x attacks x defenses and write a results table (markdown, JSON, PNG).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--trials", type=_trials, default=_trials("12"), help="count N, range a-b, or list a,b"
+    )
+    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--defenses", nargs="+", choices=DEFENSES, default=list(DEFENSES))
+    parser.add_argument("--output_dir", default="bench_out", help="results, caches and the report go here")
+    parser.add_argument(
+        "--dataset", default=defaults.dataset, help="'digits' (offline) or a Hub dataset name"
+    )
+    parser.add_argument("--digits_variant", choices=("hard", "plain"), default=defaults.digits_variant)
+    parser.add_argument("--image_size", type=int, default=defaults.image_size)
+    parser.add_argument("--num_channels", type=int, choices=(1, 3), default=defaults.num_channels)
+    parser.add_argument("--model", choices=("cnn", "vit", "timm-vit"), default=defaults.model)
+    parser.add_argument("--train_size", type=int, default=defaults.train_size, help="first N training rows")
+    parser.add_argument("--test_size", type=int, default=defaults.test_size, help="first N test rows")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--finetune_learning_rate", type=float, default=defaults.finetune_learning_rate)
+    parser.add_argument("--pretrain_epochs", type=int, default=defaults.pretrain_epochs)
+    parser.add_argument("--epic_interval", type=int, default=defaults.epic_interval)
+    parser.add_argument("--epic_start", type=int, default=defaults.epic_start)
+    parser.add_argument(
+        "--baseline_reference",
+        choices=("epic-0.1", "epic-0.2", "epic-0.3"),
+        default=defaults.baseline_reference,
+    )
+    parser.add_argument("--attack_kwargs", type=_json_dict, default={}, help="JSON: attack -> kwargs")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num_workers", type=int, default=defaults.num_workers)
+    parser.add_argument("--progress", action="store_true", help="show crafting/training progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the missing cells and print where the report is.
+
+    Args:
+        argv: arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status.
+    """
+    args = build_parser().parse_args(argv)
+    grid = {"trials", "attacks", "defenses", "output_dir"}
+    config = HarnessConfig(**{k: v for k, v in vars(args).items() if k not in grid})
+    run_benchmark(
+        config, trials=args.trials, attacks=args.attacks, defenses=args.defenses, output_dir=args.output_dir
+    )
+    report = Path(args.output_dir) / "results.md"
+    print(report.read_text())
+    print(f"Report: {report}, {report.with_suffix('.json')}, {report.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The benchmark harness: config checks, the JSONL store, the report, and a resumable end-to-end run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_epic.harness import (
+    RESULTS_FILE,
+    HarnessConfig,
+    ResultStore,
+    cell_key,
+    run_benchmark,
+    summarize,
+    write_report,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(trial, attack, defense, success, evaluated, accuracy, **extra):
+    record = {
+        "key": cell_key(trial, attack, defense),
+        "trial": trial,
+        "attack": attack,
+        "defense": defense,
+        "num_success": success,
+        "num_evaluated": evaluated,
+        "asr": success / evaluated,
+        "clean_accuracy": accuracy,
+        "num_poisons": 10,
+        "poisons_dropped": 0,
+        "recall": 0.0,
+        "clean_dropped": 0,
+        "clean_dropped_fraction": 0.0,
+        "wall_seconds": 2.0,
+    }
+    record.update(extra)
+    return record
+
+
+def test_config_rejects_bad_settings_before_training():
+    with pytest.raises(ValueError, match="baseline_reference"):
+        HarnessConfig(baseline_reference="random")
+    with pytest.raises(ValueError, match="model"):
+        HarnessConfig(model="resnet50")
+    with pytest.raises(ValueError, match="unknown attacks"):
+        HarnessConfig(attack_kwargs={"witches_brew": {}})
+    with pytest.raises(ValueError, match="epochs"):
+        HarnessConfig(epochs=0)
+
+
+def test_run_benchmark_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="Unknown defenses"):
+        run_benchmark(
+            HarnessConfig(), trials=[0], attacks=["badnets"], defenses=["epic"], output_dir=tmp_path
+        )
+    with pytest.raises(ValueError, match="Unknown attacks"):
+        run_benchmark(HarnessConfig(), trials=[0], attacks=["mixup"], defenses=["none"], output_dir=tmp_path)
+    assert not (tmp_path / RESULTS_FILE).exists()
+
+
+def test_result_store_ignores_a_torn_line_and_appends_after_it(tmp_path):
+    path = tmp_path / RESULTS_FILE
+    first = _record(0, "badnets", "none", 9, 10, 0.8)
+    path.write_text(json.dumps(first) + "\n" + '{"key": "trial=0|attack=badnets|defense=epic-0.2", "asr"')
+    store = ResultStore(path)
+    assert list(store.records) == [first["key"]]
+    second = _record(0, "badnets", "epic-0.2", 1, 10, 0.79)
+    store.append(second)
+    reread = ResultStore(path)
+    assert set(reread.records) == {first["key"], second["key"]}
+    assert reread.get(second["key"])["num_success"] == 1
+
+
+def test_summarize_pools_asr_and_averages_the_rest():
+    records = [
+        _record(0, "gradient_matching", "none", 1, 1, 0.80),
+        _record(1, "gradient_matching", "none", 0, 1, 0.90),
+        _record(2, "gradient_matching", "none", 1, 1, 0.70),
+        _record(0, "badnets", "epic-0.2", 30, 40, 0.5, poisons_dropped=4, recall=0.4),
+        _record(1, "badnets", "epic-0.2", 10, 60, 0.7, poisons_dropped=8, recall=0.8),
+        _record(0, "gradient_matching", "epic-0.2", 0, 1, 0.75),
+    ]
+    rows = summarize(records)
+    # ordered by ATTACKS then DEFENSES
+    assert [(r["attack"], r["defense"]) for r in rows] == [
+        ("gradient_matching", "none"),
+        ("gradient_matching", "epic-0.2"),
+        ("badnets", "epic-0.2"),
+    ]
+    gm = rows[0]
+    assert gm["trials"] == 3 and gm["attack_success_rate"] == pytest.approx(2 / 3)
+    assert gm["clean_accuracy"] == pytest.approx(0.8) and gm["clean_accuracy_std"] == pytest.approx(0.1)
+    bd = rows[2]
+    assert bd["attack_success_rate"] == pytest.approx(40 / 100)  # pooled, not the mean of 0.75 and 1/6
+    assert bd["poisons_dropped"] == pytest.approx(6) and bd["poison_recall"] == pytest.approx(0.6)
+
+
+def test_write_report_writes_markdown_json_and_png(tmp_path):
+    records = [_record(0, "badnets", "none", 9, 10, 0.8), _record(0, "badnets", "epic-0.2", 1, 10, 0.78)]
+    paths = write_report(records, tmp_path, {"dataset": "digits", "epochs": 3})
+    markdown = paths["markdown"].read_text()
+    assert "| badnets | none | 1 | 90.0 (9/10) | 80.0 ± 0.0 |" in markdown
+    assert "| badnets | epic-0.2 | 1 | 10.0 (1/10) | 78.0 ± 0.0 |" in markdown
+    assert "dataset=digits" in markdown
+    payload = json.loads(paths["json"].read_text())
+    assert payload["config"]["epochs"] == 3 and len(payload["records"]) == 2
+    assert payload["summary"][0]["attack_success_rate"] == pytest.approx(0.9)
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _benchmark_cli():
+    spec = importlib.util.spec_from_file_location("benchmark_cli", REPO / "recipes" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = dict(train_size=200, test_size=100, image_size=16, epochs=2, epic_start=1, epic_interval=1)
+
+
+def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
+    config = HarnessConfig(**SMALL)
+    out = tmp_path / "bench"
+    # 1) a run that "was interrupted" after the undefended cell
+    first = run_benchmark(config, trials=[0], attacks=["badnets"], defenses=["none"], output_dir=out)
+    assert [r["defense"] for r in first] == ["none"]
+    none = first[0]
+    assert none["attack_kind"] == "backdoor" and none["num_poisons"] == 4  # 2% of 200 rows
+    assert none["num_dropped"] == 0 and none["poisons_dropped"] == 0
+    assert 0.0 <= none["clean_accuracy"] <= 1.0 and none["num_evaluated"] > 0
+    # an interrupt in the middle of writing leaves a torn line; it must not cost the finished cell
+    with open(out / RESULTS_FILE, "a") as handle:
+        handle.write('{"key": "trial=0|attack=badnets|defense=epic-0.2", "asr": 0.')
+    capsys.readouterr()
+
+    # 2) the rerun asks for more: only the missing cell trains, the finished one is kept as it was
+    records = run_benchmark(
+        config, trials=[0], attacks=["badnets"], defenses=["none", "epic-0.2"], output_dir=out
+    )
+    log = capsys.readouterr().out
+    assert "skip   trial=0 attack=badnets defense=none" in log
+    assert "done   trial=0 attack=badnets defense=epic-0.2" in log
+    assert "defense=none:" not in log
+    by_defense = {r["defense"]: r for r in records}
+    assert set(by_defense) == {"none", "epic-0.2"}
+    assert by_defense["none"] == none
+    epic = by_defense["epic-0.2"]
+    assert epic["num_dropped"] > 0 and len(epic["rounds_per_class"]) == 1 and epic["round_epochs"] == [1]
+    assert epic["poisons_dropped"] + epic["clean_dropped"] == epic["num_dropped"]
+    # the poisoned set was crafted once and reused
+    assert (out / "poisons" / "badnets" / "trial_000" / "craft.json").exists()
+    markdown = (out / "results.md").read_text()
+    assert "| badnets | none | 1 |" in markdown and "| badnets | epic-0.2 | 1 |" in markdown
+
+    # 3) the command line over the finished grid trains nothing and rewrites the report
+    argv = [
+        "--trials",
+        "1",
+        "--attacks",
+        "badnets",
+        "--defenses",
+        "none",
+        "epic-0.2",
+        "--output_dir",
+        str(out),
+    ]
+    argv += ["--train_size", "200", "--test_size", "100", "--image_size", "16", "--epochs", "2"]
+    argv += ["--epic_start", "1", "--epic_interval", "1"]
+    assert _benchmark_cli().main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("skip   ") == 2 and "done   " not in log
+    assert "| badnets | epic-0.2 | 1 |" in log
+
+    # 4) other settings in the same folder are refused before any training
+    with pytest.raises(ValueError, match="epochs"):
+        run_benchmark(
+            HarnessConfig(**{**SMALL, "epochs": 3}),
+            trials=[0],
+            attacks=["badnets"],
+            defenses=["none"],
+            output_dir=out,
+        )
+
+
+def test_cli_parses_trial_selections():
+    cli = _benchmark_cli()
+    parser = cli.build_parser()
+    assert parser.parse_args(["--trials", "3"]).trials == [0, 1, 2]
+    assert parser.parse_args(["--trials", "2-4"]).trials == [2, 3, 4]
+    assert parser.parse_args(["--trials", "0,5"]).trials == [0, 5]
+    args = parser.parse_args(["--attack_kwargs", '{"badnets": {"budget": 0.05}}'])
+    assert args.attack_kwargs == {"badnets": {"budget": 0.05}}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--defenses", "epic"])
