@@ -228,7 +228,8 @@ def _attack_rows(spec: dict[str, Any], class_names: Any) -> list[tuple[str, str]
             shown += f" ({round(eps * 255)}/255)"
         rows.append(("perturbation bound (epsilon)", shown))
     if spec.get("trigger"):
-        rows.append(("trigger", _fmt(spec["trigger"])))
+        trigger = {k: v for k, v in spec["trigger"].items() if k != "pattern" and v is not None}
+        rows.append(("trigger", _fmt(trigger)))
     if spec.get("seed") is not None:
         rows.append(("seed", _fmt(spec["seed"])))
     return rows
@@ -532,7 +533,9 @@ def update_model_card(
     if dataset is None:  # the stock card names it in its text: "... on the <name> dataset."
         named = re.search(r" on the (.+?) dataset\.", existing.text)
         info = getattr(getattr(trainer, "train_dataset", None), "info", None)
-        dataset = named.group(1) if named else getattr(info, "dataset_name", None)
+        dataset = (
+            named.group(1) if named and named.group(1) != "None" else getattr(info, "dataset_name", None)
+        )
     base_model = data.get("base_model") or getattr(config, "_name_or_path", None) or None
 
     rendered = render_model_card(
