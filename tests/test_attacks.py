@@ -296,6 +296,8 @@ def test_bad_input_is_caught_before_training(data):
         craft_badnets(train.remove_columns("image"), poison_class=1)
     with pytest.raises(ValueError, match="image_column"):
         craft_badnets(train, poison_class=1, image_column="picture")
+    with pytest.raises(ValueError, match="cast_column"):
+        craft_badnets(train.cast_column("label", Value("int64")), poison_class=1, image_column="label")
     with pytest.raises(ValueError, match="is_poison"):
         craft_badnets(train.add_column("is_poison", [False] * train.num_rows), poison_class=1)
     with pytest.raises(TypeError, match="datasets.Dataset"):

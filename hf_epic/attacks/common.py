@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, Image
 
 from .spec import (
     check_budget,
@@ -59,6 +59,11 @@ def load_training_set(
         epsilon: l_inf bound in (0, 1], or None when the attack has none.
     """
     image_column, label_column = resolve_columns(train_ds, image_column, label_column)
+    if not isinstance(train_ds.features[image_column], Image):
+        raise ValueError(
+            f"column {image_column!r} is {train_ds.features[image_column]}, not a datasets.Image feature; "
+            f"cast it first: ds = ds.cast_column({image_column!r}, datasets.Image())."
+        )
     check_no_poison_column(train_ds)
     check_budget(budget)
     if epsilon is not None:
