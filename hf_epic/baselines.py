@@ -176,7 +176,14 @@ class MatchedDropCallback(EpicCallback):
 
     def __init__(self, *args: Any, schedule: Sequence[Mapping[int, int]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(schedule, Mapping) or not all(isinstance(c, Mapping) for c in schedule):
+            raise TypeError(
+                "schedule must be a list with one {class: count} dict per round; build it with "
+                "schedule_from_epic_state(<the EPIC run's epic_state.json>)."
+            )
         self.schedule = [{int(c): int(n) for c, n in counts.items()} for counts in schedule]
+        if any(n < 0 for counts in self.schedule for n in counts.values()):
+            raise ValueError("schedule counts must be >= 0 rows per class and round.")
 
     @property
     def round_index(self) -> int:
@@ -256,6 +263,21 @@ class LowConfidenceDropCallback(MatchedDropCallback):
     """Drop the rows whose top softmax probability is lowest in each class."""
 
     name = "low-confidence"
+
+    def prepare(self, args: Any, model: Any, train_dataset: Any) -> None:
+        """Check (before training) that the embedding is the logit gradient the confidence is read from.
+
+        Args:
+            args: the trainer's arguments.
+            model: the model to be trained.
+            train_dataset: the training set.
+        """
+        super().prepare(args, model, train_dataset)
+        if self.settings is not None and self.settings["epic_embedding"] != "logits_grad":
+            raise ValueError(
+                f"The low-confidence baseline reads each row's softmax from EPIC's logit-gradient embedding, but "
+                f"epic_embedding={self.settings['epic_embedding']!r}; use epic_embedding='logits_grad'."
+            )
 
     def scores(self, embeddings: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Minus the top softmax probability (documented in the base class)."""

@@ -63,8 +63,9 @@ class HarnessConfig:
     """Everything that decides a cell's result (trial, attack and defense aside).
 
     Args:
-        dataset: ``"digits"`` (offline, :func:`hf_epic.data.load_digits_dataset`) or a Hub dataset name
-            for ``datasets.load_dataset`` (e.g. ``"cifar10"``; needs the internet).
+        dataset: ``"digits"`` (offline, :func:`hf_epic.data.load_digits_dataset`), a ``save_to_disk``
+            folder of a ``DatasetDict``, or a Hub dataset name for ``datasets.load_dataset`` (e.g.
+            ``"cifar10"``; needs the internet).
         digits_variant: ``"hard"`` or ``"plain"``, for ``dataset="digits"``.
         image_size: side of the square model input, in pixels.
         num_channels: 1 (grayscale) or 3 (RGB).
@@ -223,6 +224,10 @@ def _normalise_columns(ds: Any) -> Any:
 def load_benchmark_dataset(config: HarnessConfig) -> Any:
     """Load the train/test splits the cells use, with ``image`` and ``label`` columns.
 
+    ``config.dataset`` is ``"digits"``, a folder holding a ``DatasetDict`` saved with ``save_to_disk``,
+    or a name for ``datasets.load_dataset`` (e.g. ``"cifar10"``). The first image column and the first
+    ClassLabel column are renamed to ``image`` and ``label``; other columns are left out.
+
     Args:
         config: the harness settings (``dataset``, ``digits_variant``, ``image_size``, sizes, seed).
 
@@ -236,7 +241,11 @@ def load_benchmark_dataset(config: HarnessConfig) -> Any:
 
         dd = load_digits_dataset(config.digits_variant, seed=config.seed, image_size=config.image_size)
     else:
-        loaded = datasets.load_dataset(config.dataset)
+        local = Path(config.dataset)
+        if (local / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk
+            loaded = datasets.load_from_disk(str(local))
+        else:
+            loaded = datasets.load_dataset(config.dataset)
         test_split = "test" if "test" in loaded else ("validation" if "validation" in loaded else None)
         if "train" not in loaded or test_split is None:
             raise ValueError(
@@ -562,10 +571,11 @@ def craft_or_load(
         num_classes = splits["train"].features["label"].num_classes
         kwargs["poison_class"] = int(np.random.default_rng(kwargs["seed"]).integers(num_classes))
     start = time.perf_counter()
-    poisoned, spec = craft(splits["train"], **kwargs)
-    seconds = time.perf_counter() - start
-    folder.mkdir(parents=True, exist_ok=True)
-    poisoned.save_to_disk(str(folder / "dataset"))
+    with _quiet_datasets(not config.progress):
+        poisoned, spec = craft(splits["train"], **kwargs)
+        seconds = time.perf_counter() - start
+        folder.mkdir(parents=True, exist_ok=True)
+        poisoned.save_to_disk(str(folder / "dataset"))
     spec.save(folder / "poison_spec.json")
     # written last: its presence marks a complete cache entry
     meta_path.write_text(json.dumps({"craft_seconds": seconds, "attack": attack, "trial": trial}))

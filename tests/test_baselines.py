@@ -192,3 +192,26 @@ def test_baseline_replays_a_recorded_epic_schedule_in_a_real_trainer(tmp_path, r
     assert got == schedule
     assert [r["epoch"] for r in state.rounds] == [r["epoch"] for r in recorded_epic.epic_state.rounds]
     assert len(state.dropped) == len(set(state.dropped)) == sum(sum(r.values()) for r in schedule)
+
+
+def test_bad_schedules_and_embeddings_are_refused_before_training(tmp_path):
+    with pytest.raises(TypeError, match="schedule_from_epic_state"):
+        HighLossDropCallback(fraction=0.2, schedule={0: 3})
+    with pytest.raises(ValueError, match=">= 0"):
+        HighLossDropCallback(fraction=0.2, schedule=[{0: -1}])
+
+    from hf_epic.data import load_digits_dataset
+    from hf_epic.epic_config import EpicConfig
+    from hf_epic.models import build_tiny_cnn, image_transform
+
+    ds = load_digits_dataset("plain", image_size=8)["train"].select(range(40))
+    args = EpicConfig(
+        output_dir=str(tmp_path),
+        remove_unused_columns=False,
+        use_cpu=True,
+        report_to=[],
+        epic_embedding="last_layer_grad",
+    )
+    callback = LowConfidenceDropCallback(args, schedule=[{0: 1}])
+    with pytest.raises(ValueError, match="logits_grad"):
+        callback.prepare(args, build_tiny_cnn(10, 8, 1), ds.with_transform(image_transform(8, 1)))

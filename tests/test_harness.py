@@ -195,3 +195,34 @@ def test_cli_parses_trial_selections():
     assert args.attack_kwargs == {"badnets": {"budget": 0.05}}
     with pytest.raises(SystemExit):
         parser.parse_args(["--defenses", "epic"])
+
+
+def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(tmp_path):
+    import datasets
+    import numpy as np
+
+    from hf_epic.harness import load_benchmark_dataset
+
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "fine_label": datasets.ClassLabel(num_classes=3),
+            "note": datasets.Value("string"),
+        }
+    )
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return datasets.Dataset.from_dict(
+            {
+                "img": [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(n)],
+                "fine_label": [i % 3 for i in range(n)],
+                "note": ["x"] * n,
+            },
+            features=features,
+        )
+
+    datasets.DatasetDict(train=split(12), test=split(6)).save_to_disk(str(tmp_path / "local"))
+    loaded = load_benchmark_dataset(HarnessConfig(dataset=str(tmp_path / "local"), train_size=10))
+    assert loaded["train"].column_names == ["image", "label"] and len(loaded["train"]) == 10
+    assert len(loaded["test"]) == 6 and loaded["test"].features["label"].num_classes == 3
