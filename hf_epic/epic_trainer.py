@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .epic_callback import EpicCallback
 from .epic_config import EpicConfig
 from .state import STATE_FILE_NAME, EpicState
+from .validation import check_train_dataset
 
 __all__ = ["ORIGINAL_ROW_COLUMN", "EpicTrainer"]
 
@@ -74,6 +75,12 @@ class EpicTrainer(Trainer):
             epic_callback = EpicCallback(args)
         if not isinstance(epic_callback, EpicCallback):
             raise TypeError(f"epic_callback must be an EpicCallback, got {type(epic_callback).__name__}.")
+        settings = epic_callback.settings
+        train_dataset = trainer_kwargs.get(
+            "train_dataset", trainer_args[1] if len(trainer_args) > 1 else None
+        )
+        if train_dataset is not None and (settings is None or settings["epic_enabled"]):
+            check_train_dataset(train_dataset)  # before Trainer's own, less helpful, length check
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         super().__init__(model, args, *trainer_args, callbacks=[epic_callback, *callbacks], **trainer_kwargs)
         self.epic_callback = epic_callback
