@@ -521,6 +521,34 @@ def _freeze_features(model: Any) -> None:
             module.train = types.MethodType(lambda self, mode=True: self, module)
 
 
+def _draw_classes(
+    parameters: Mapping[str, inspect.Parameter], kwargs: Mapping[str, Any], num_classes: int
+) -> dict:
+    """Draw the classes an attack requires but was not given (the backdoors' poison and source class).
+
+    The draw is seeded by the trial's seed, and the source class never equals the poison class.
+
+    Args:
+        parameters: the attack function's signature parameters.
+        kwargs: the arguments already chosen (their classes are kept).
+        num_classes: number of classes of the dataset.
+    """
+
+    def required(name: str) -> bool:
+        parameter = parameters.get(name)
+        return parameter is not None and parameter.default is inspect.Parameter.empty and name not in kwargs
+
+    rng = np.random.default_rng(int(kwargs["seed"]))
+    drawn: dict[str, int] = {}
+    poison_class = kwargs.get("poison_class")
+    if required("poison_class"):
+        poison_class = drawn["poison_class"] = int(rng.integers(num_classes))
+    if required("source_class"):
+        choices = [c for c in range(num_classes) if c != poison_class]
+        drawn["source_class"] = int(choices[int(rng.integers(len(choices)))])
+    return drawn
+
+
 def craft_or_load(
     attack: str,
     trial: int,
@@ -565,11 +593,7 @@ def craft_or_load(
         kwargs.setdefault("progress", config.progress)
     if model is not None:
         kwargs.setdefault("model", model)
-    required = parameters.get("poison_class")
-    if required is not None and required.default is inspect.Parameter.empty and "poison_class" not in kwargs:
-        # attacks that need a class (the backdoors) get one drawn from the trial's seed
-        num_classes = splits["train"].features["label"].num_classes
-        kwargs["poison_class"] = int(np.random.default_rng(kwargs["seed"]).integers(num_classes))
+    kwargs.update(_draw_classes(parameters, kwargs, splits["train"].features["label"].num_classes))
     start = time.perf_counter()
     with _quiet_datasets(not config.progress):
         poisoned, spec = craft(splits["train"], **kwargs)

@@ -226,3 +226,22 @@ def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(t
     loaded = load_benchmark_dataset(HarnessConfig(dataset=str(tmp_path / "local"), train_size=10))
     assert loaded["train"].column_names == ["image", "label"] and len(loaded["train"]) == 10
     assert len(loaded["test"]) == 6 and loaded["test"].features["label"].num_classes == 3
+
+
+def test_backdoors_get_seeded_distinct_poison_and_source_classes():
+    import inspect
+
+    from hf_epic.harness import _attack_function, _draw_classes
+
+    sleeper = inspect.signature(_attack_function("sleeper_agent")).parameters
+    for seed in range(20):
+        drawn = _draw_classes(sleeper, {"seed": seed}, 10)
+        assert set(drawn) == {"poison_class", "source_class"}
+        assert drawn["poison_class"] != drawn["source_class"]
+        assert drawn == _draw_classes(sleeper, {"seed": seed}, 10)
+    # a class the user gave is kept, and the source class avoids it
+    assert all(
+        _draw_classes(sleeper, {"seed": s, "poison_class": 4}, 10)["source_class"] != 4 for s in range(20)
+    )
+    gradient_matching = inspect.signature(_attack_function("gradient_matching")).parameters
+    assert _draw_classes(gradient_matching, {"seed": 0}, 10) == {}  # it picks its own from the target
