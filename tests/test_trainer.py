@@ -160,3 +160,72 @@ def test_plain_trainer_with_callback_iterates_only_kept_rows(tmp_path):
     assert sum(len(b) for b in collator.batches[state.epoch_start_steps[2] :]) == 200 - state.num_dropped
     assert any("epic/round" in h for h in trainer.state.log_history)
     assert os.path.isfile(tmp_path / "epic_state.json")
+
+
+@pytest.mark.parametrize("builder", ["hf-vit", "timm-vit", "timm-resnet"])
+def test_gradient_embeddings_match_a_hand_computed_gradient(builder):
+    from hf_epic.embeddings import compute_gradient_embeddings
+    from hf_epic.models import build_tiny_cnn, build_tiny_timm, build_tiny_vit
+
+    torch.manual_seed(0)
+    model = {"hf-vit": build_tiny_vit, "timm-vit": build_tiny_timm, "timm-resnet": build_tiny_cnn}[builder](
+        10, 16, 1
+    )
+    raw = small_digits(12)
+    view = with_pixels(raw)
+    labels = torch.tensor(raw["label"])
+    logits_grad = compute_gradient_embeddings(model, view, labels, kind="logits_grad", batch_size=5)
+    last_layer = compute_gradient_embeddings(model, view, labels, kind="last_layer_grad", batch_size=5)
+    assert logits_grad.rows.tolist() == list(range(12))
+
+    # The true gradient of each row's cross-entropy with respect to the classifier weight.
+    from hf_epic.embeddings import find_classifier
+
+    classifier = find_classifier(model)
+    model.eval()
+    for row in (0, 7, 11):
+        model.zero_grad()
+        pixels = view[row]["pixel_values"][None]
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels[row : row + 1])
+        loss.backward()
+        torch.testing.assert_close(
+            last_layer.embeddings[row], classifier.weight.grad.flatten(), rtol=1e-4, atol=1e-6
+        )
+        torch.testing.assert_close(logits_grad.embeddings[row], classifier.bias.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(logits_grad.losses[row], loss.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_pass_uses_the_unaugmented_view(tmp_path):
+    from hf_epic.models import image_transform
+
+    raw = small_digits(120)
+    seen: list[int] = []
+    plain = image_transform(16, 1)
+
+    def counting(batch):
+        seen.extend(batch["row_id"])
+        return plain(batch)
+
+    args = make_config(tmp_path, num_train_epochs=3, epic_fraction=0.3)
+    trainer = EpicTrainer(
+        model=tiny_vit(0),
+        args=args,
+        train_dataset=with_pixels(raw, augment=True),
+        epic_embedding_dataset=raw.with_transform(counting),
+    )
+    trainer.train()
+    # Each of the 2 rounds embeds every row (dropped ones included) through the un-augmented view;
+    # the input check reads 2 rows through it too.
+    assert sorted(seen) == sorted([0, 1] + 2 * list(range(120)))
+    assert len(trainer.epic_state.rounds) == 2
+
+
+def test_model_card_gets_the_epic_section(tmp_path):
+    train = with_pixels(small_digits(100))
+    trainer = EpicTrainer(
+        model=tiny_vit(0), args=make_config(tmp_path, num_train_epochs=2), train_dataset=train
+    )
+    trainer.train()
+    trainer.create_model_card(model_name="tiny-epic")
+    card = (tmp_path / "README.md").read_text()
+    assert "hf-epic" in card and "EPIC" in card
