@@ -228,4 +228,5 @@ def test_model_card_gets_the_epic_section(tmp_path):
     trainer.train()
     trainer.create_model_card(model_name="tiny-epic")
     card = (tmp_path / "README.md").read_text()
-    assert "hf-epic" in card and "EPIC" in card
+    assert "## Trained with EPIC, a data-poisoning defense" in card
+    assert "- hf-epic" in card and "- data-poisoning-defense" in card  # the model tags reach the metadata
