@@ -146,6 +146,14 @@ class EpicTrainer(Trainer):
         else:
             self.epic_callback.state = None
             self.epic_callback._epoch = 0
+        dataset = self.train_dataset
+        fmt = getattr(dataset, "format", None)
+        if self.args.remove_unused_columns and isinstance(fmt, dict) and fmt.get("type") == "custom":
+            raise ValueError(
+                "train_dataset has a set_transform/with_transform, and remove_unused_columns=True would strip "
+                "the columns it reads (e.g. 'image') before the transform runs; pass "
+                "remove_unused_columns=False in EpicConfig, as the transformers image-classification examples do."
+            )
         self.epic_callback._prepared = False
         self.epic_callback.prepare(self.args, self.model, self.train_dataset)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)

@@ -187,6 +187,16 @@ def test_mismatched_embedding_dataset_is_rejected(tmp_path):
     )
 
 
+def test_transform_with_remove_unused_columns_is_rejected(tmp_path):
+    trainer = EpicTrainer(
+        model=tiny_vit(0),
+        args=make_config(tmp_path, remove_unused_columns=True),
+        train_dataset=with_pixels(small_digits(40)),
+    )
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        trainer.train()
+
+
 def test_plain_training_arguments_need_a_callback(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     with pytest.raises(TypeError, match="EpicConfig"):

@@ -230,3 +230,22 @@ def test_model_card_gets_the_epic_section(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "## Trained with EPIC, a data-poisoning defense" in card
     assert "- hf-epic" in card and "- data-poisoning-defense" in card  # the model tags reach the metadata
+
+
+def test_max_steps_is_honoured_while_the_set_shrinks(tmp_path):
+    train = with_pixels(small_digits(100))
+    args = make_config(
+        tmp_path,
+        max_steps=30,
+        per_device_train_batch_size=16,
+        epic_fraction=0.3,
+        save_strategy="steps",
+        save_steps=1000,
+    )
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train)
+    trainer.train()
+    state = trainer.epic_state
+    assert trainer.state.global_step == 30 == trainer.state.max_steps
+    assert len(state.rounds) >= 3 and state.num_dropped > 0  # more, shorter epochs than 30 // 7
+    assert (tmp_path / "checkpoint-30" / "epic_state.json").is_file()
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
