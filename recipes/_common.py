@@ -113,6 +113,9 @@ def parse_args(
         argv: Arguments to parse (default: the command line).
     """
     parser = HfArgumentParser((script_class, EpicConfig))
+    # On a machine without a visible GPU, run on the CPU explicitly: the Trainer then also joins a
+    # multi-process CPU launch (recipes/accelerate_configs/cpu_2proc.yaml) instead of ignoring it.
+    parser.set_defaults(use_cpu=not torch.cuda.is_available())
     parser.set_defaults(**script_defaults, **training_defaults)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     check_script_args(script_args)
