@@ -127,6 +127,11 @@ def _collate(items: list[dict], input_names: Sequence[str], device: torch.device
     return batch
 
 
+def _identity(items: list[dict]) -> list[dict]:
+    """Collate function returning the transformed rows as they are (stacked later)."""
+    return items
+
+
 def _local_pass(
     model: nn.Module,
     dataset,
@@ -135,6 +140,7 @@ def _local_pass(
     kind: str,
     batch_size: int,
     show_progress: bool,
+    num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed ``rows`` on this process. Returns (embeddings, losses)."""
     from tqdm.auto import tqdm
@@ -155,10 +161,15 @@ def _local_pass(
     model.eval()
     try:
         with torch.no_grad():
-            starts = range(0, len(rows), batch_size)
-            for start in tqdm(starts, desc="EPIC embeddings", disable=not show_progress, leave=False):
-                idx = rows[start : start + batch_size]
-                items = dataset.__getitems__(idx.tolist())
+            chunks_of_rows = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=[idx.tolist() for idx in chunks_of_rows],
+                collate_fn=_identity,
+                num_workers=num_workers,
+            )
+            progress = tqdm(loader, desc="EPIC embeddings", disable=not show_progress, leave=False)
+            for idx, items in zip(chunks_of_rows, progress):
                 logits = extract_logits(model(**_collate(items, input_names, device))).float()
                 y = labels[idx].to(logits.device)
                 probs = torch.softmax(logits, dim=-1)
@@ -191,6 +202,7 @@ def compute_gradient_embeddings(
     batch_size: int = 256,
     show_progress: bool = False,
     distributed: bool = True,
+    num_workers: int = 0,
 ) -> EmbeddingResult:
     """Compute the gradient embedding of every row of ``dataset``.
 
@@ -201,6 +213,7 @@ def compute_gradient_embeddings(
         kind: ``"logits_grad"`` or ``"last_layer_grad"``.
         batch_size: Rows per forward pass.
         show_progress: Show a tqdm progress bar.
+        num_workers: DataLoader worker processes that load and transform rows (0: in this process).
         distributed: With several processes (accelerate/torch.distributed), shard the rows across
             ranks and gather the result so every rank gets all rows. If False, embed all rows here.
 
@@ -218,7 +231,7 @@ def compute_gradient_embeddings(
         state = PartialState()
         world, rank = state.num_processes, state.process_index
     rows = torch.arange(rank, num_rows, world, dtype=torch.long)
-    emb, losses = _local_pass(model, dataset, rows, labels, kind, batch_size, show_progress)
+    emb, losses = _local_pass(model, dataset, rows, labels, kind, batch_size, show_progress, num_workers)
     if world > 1:
         # Every rank must contribute equal shapes: pad to the largest shard with row -1.
         per_rank = -(-num_rows // world)

@@ -354,7 +354,13 @@ class EpicCallback(TrainerCallback):
         batch_size = s["epic_embedding_batch_size"] or max(args.per_device_eval_batch_size, 256)
         show = rank == 0 and not args.disable_tqdm
         emb = compute_gradient_embeddings(
-            model, dataset, self.labels, kind=s["epic_embedding"], batch_size=batch_size, show_progress=show
+            model,
+            dataset,
+            self.labels,
+            kind=s["epic_embedding"],
+            batch_size=batch_size,
+            show_progress=show,
+            num_workers=args.dataloader_num_workers,
         )
         already = torch.as_tensor(self.state.dropped, dtype=torch.long)
         payload: list[Any] = [None]

@@ -177,6 +177,11 @@ def test_gradient_embeddings_match_a_hand_computed_gradient(builder):
     logits_grad = compute_gradient_embeddings(model, view, labels, kind="logits_grad", batch_size=5)
     last_layer = compute_gradient_embeddings(model, view, labels, kind="last_layer_grad", batch_size=5)
     assert logits_grad.rows.tolist() == list(range(12))
+    if builder == "timm-vit":  # loading rows in DataLoader workers gives the same result
+        workers = compute_gradient_embeddings(
+            model, view, labels, kind="logits_grad", batch_size=5, num_workers=2
+        )
+        torch.testing.assert_close(workers.embeddings, logits_grad.embeddings)
 
     # The true gradient of each row's cross-entropy with respect to the classifier weight.
     from hf_epic.embeddings import find_classifier
