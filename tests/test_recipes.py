@@ -1,0 +1,184 @@
+"""The recipes: their command lines parse, their configs load, and they run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+NAMES = ("finetune_vit", "from_scratch", "transfer", "backdoor")
+
+
+def load_recipe(name: str):
+    """Import a recipe file as a module (its main() is not run)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def docstring_commands(module) -> list[list[str]]:
+    """The ``accelerate launch`` commands of a recipe's docstring, split into words."""
+    text = module.__doc__.replace("\\\n", " ")
+    commands = [line.strip() for line in text.splitlines() if "accelerate launch" in line]
+    return [shlex.split(c.replace("<you>", "someone")) for c in commands]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_commands_are_ready_to_paste(name: str) -> None:
+    """Every command names an existing accelerate config and flags the recipe's parser accepts."""
+    module = load_recipe(name)
+    commands = docstring_commands(module)
+    assert len(commands) >= 3
+    script = f"recipes/{name}.py"
+    assert any("--push_to_hub" in c for c in commands)
+    for words in commands:
+        config = words[words.index("--config_file") + 1]
+        assert (ROOT / config).is_file(), config
+        argv = words[words.index(script) + 1 :]
+        _, training_args = module.parse_args(
+            module.SCRIPT_DEFAULTS,
+            module.TRAINING_DEFAULTS,
+            **({"script_class": module.FromScratchArguments} if name == "from_scratch" else {}),
+            argv=argv,
+        )
+        assert training_args.output_dir.startswith("outputs/")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None:
+    from hf_epic import EpicConfig
+
+    module = load_recipe(name)
+    extra = {"script_class": module.FromScratchArguments} if name == "from_scratch" else {}
+    a, training_args = module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, **extra, argv=[])
+    assert isinstance(training_args, EpicConfig)
+    assert training_args.output_dir == f"outputs/{name}"
+    assert training_args.remove_unused_columns is False and training_args.epic_enabled
+    assert a.dataset_name == "digits" and a.model_name_or_path is None
+    for key, value in module.TRAINING_DEFAULTS.items():
+        if key != "report_to":
+            assert getattr(training_args, key) == value, key
+    # command-line flags override the recipe's defaults
+    a, training_args = module.parse_args(
+        module.SCRIPT_DEFAULTS,
+        module.TRAINING_DEFAULTS,
+        **extra,
+        argv=["--epic_fraction", "0.3", "--attack", "none"],
+    )
+    assert training_args.epic_fraction == 0.3 and a.attack == "none"
+
+
+def test_bad_recipe_arguments_fail_before_any_work() -> None:
+    module = load_recipe("finetune_vit")
+    with pytest.raises(ValueError, match="--attack 'nonsense' is unknown"):
+        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--attack", "nonsense"])
+    with pytest.raises(ValueError, match="--source_fraction"):
+        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--source_fraction", "1.5"])
+    with pytest.raises(ValueError, match="epic_fraction"):
+        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--epic_fraction", "2"])
+
+
+def test_accelerate_configs() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in (RECIPES / "accelerate_configs").glob("*.yaml")}
+    assert set(configs) == {"single_gpu", "multi_gpu", "cpu_2proc"}
+    assert configs["single_gpu"]["num_processes"] == 1 and configs["single_gpu"]["distributed_type"] == "NO"
+    assert configs["multi_gpu"]["distributed_type"] == "MULTI_GPU"
+    # two CPU processes need MULTI_GPU with the GPUs hidden (MULTI_CPU starts one process)
+    assert (
+        configs["cpu_2proc"]["distributed_type"] == "MULTI_GPU" and configs["cpu_2proc"]["num_processes"] == 2
+    )
+    for path in (RECIPES / "accelerate_configs").glob("*.yaml"):
+        ClusterConfig.from_yaml_file(str(path))  # accelerate itself accepts the file
+
+
+def run_recipe(name: str, output_dir: Path, *args: str, launcher: list[str] | None = None) -> str:
+    """Run a recipe in a subprocess (offline) and return its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        *(launcher or [sys.executable]),
+        str(RECIPES / f"{name}.py"),
+        "--output_dir",
+        str(output_dir),
+        *args,
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+TINY = [
+    "--max_train_rows", "200",
+    "--max_eval_rows", "60",
+    "--num_train_epochs", "2",
+    "--epic_start_epoch", "1",
+    "--epic_interval", "1",
+    "--poison_budget", "0.05",
+    "--per_device_train_batch_size", "32",
+]  # fmt: skip
+
+
+def check_run(out: Path, stdout: str, num_rows: int) -> dict:
+    """What every recipe run must leave behind; returns the results file."""
+    for banner in ("data", "attack", "model", "training", "evaluation", "save and push"):
+        assert f" {banner} =" in stdout
+    assert "| run | clean accuracy | attack success | rows dropped | poisons dropped |" in stdout
+    state = json.loads((out / "epic_state.json").read_text())
+    assert state["num_rows"] == num_rows and len(state["rounds"]) >= 1
+    results = json.loads((out / "recipe_results.json").read_text())
+    row = results["rows"][0]
+    assert row["rows_dropped"] == len(state["dropped"]) and row["num_rows"] == num_rows
+    assert row["poisons_dropped"] == state["rounds"][-1]["poisons_dropped_total"]
+    assert 0.0 <= row["clean_accuracy"] <= 1.0 and 0.0 <= row["attack_success_rate"] <= 1.0
+    card = ModelCard.load(out / "README.md")
+    assert {"hf-epic", "epic", "data-poisoning-defense"} <= set(card.data.tags)
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics["accuracy"] == pytest.approx(row["clean_accuracy"], abs=1e-6)
+    assert metrics["attack_success_rate"] == pytest.approx(row["attack_success_rate"], abs=1e-6)
+    assert card.text.count("<!-- hf-epic:start -->") == 1 and "### Attack in the training data" in card.text
+    assert (out / "epic_plots" / "epic_poisons_vs_clean.png").is_file()
+    assert (out / "poison_spec.json").is_file() and (out / "model.safetensors").is_file()
+    return results
+
+
+@pytest.mark.multiprocess
+def test_backdoor_recipe_end_to_end(tmp_path: Path) -> None:
+    """BadNets (no crafting optimisation) + tiny ViT + EPIC, through the real script."""
+    out = tmp_path / "backdoor"
+    stdout = run_recipe("backdoor", out, *TINY, "--epic_save_embeddings")
+    results = check_run(out, stdout, num_rows=200)
+    spec = json.loads((out / "poison_spec.json").read_text())
+    assert spec["attack"] == "badnets" and len(spec["poison_indices"]) == 10
+    assert results["rows"][0]["num_poisons"] == 10
+    assert (out / "epic_plots" / "epic_embeddings_pca.png").is_file()
+    assert "trigger | type=patch" in ModelCard.load(out / "README.md").text
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_finetune_recipe_caches_backbone_and_poisons(tmp_path: Path) -> None:
+    """The main recipe: clean backbone trained once, poisons crafted on it once, both reused."""
+    out = tmp_path / "finetune"
+    args = [*TINY, "--backbone_epochs", "1", "--attack_steps", "3", "--max_train_rows", "400"]
+    first = run_recipe("finetune_vit", out, *args)
+    check_run(out, first, num_rows=200)  # half the rows are the clean source split
+    assert "trained now" in first and "[cached]" not in first
+    second = run_recipe("finetune_vit", out, *args, "--compare_undefended")
+    assert "reused from the cache" in second and "[cached]" in second
+    rows = json.loads((out / "recipe_results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["EPIC-0.2", "no defense"] and rows[1]["rows_dropped"] == 0
+    assert re.search(r"\| no defense \| [0-9.]+ \| [0-9.]+ \| 0 of 200", second)
