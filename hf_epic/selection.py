@@ -63,9 +63,10 @@ to float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,9 +215,18 @@ def class_budget(fraction: float, n: int) -> int:
 
 # --------------------------------------------------------------------------- kernels
 
+# Similarities are rounded to multiples of 2**-24 (float32 values in [0.5, 1] already are).
+# Sums of such numbers in float64 are exact (below 2**29 in magnitude), so every gain the
+# greedy computes is exact whatever the summation order: incremental and naive greedy see
+# bit-identical gains, and exact ties really are ties.
+_QUANTUM = 2.0**24
+
 
 class _Kernel:
     """The similarity kernel of one class, either held densely or recomputed in tiles.
+
+    Orientation: ``s(i, c)`` is row ``i`` (the row being represented), column ``c`` (the
+    candidate medoid); the gain of ``c`` is a sum over a column.
 
     Args:
         x: The class's embeddings (rows x D), any float dtype, on the compute device.
@@ -229,93 +239,134 @@ class _Kernel:
         self.n = int(x.shape[0])
         self.device = x.device
         self.inv_dim = 1.0 / x.shape[1]
+        # float64 distances where cheap (small D); float32 matmul for wide embeddings
+        self.work_dtype = torch.float64 if x.shape[1] <= 64 else torch.float32
         x = x.to(torch.float64)
         if metric == "euclidean":
             x = x - x.mean(dim=0, keepdim=True)
-            self.sq = (x * x).sum(dim=1)
+            self.sq = (x * x).sum(dim=1).to(self.work_dtype)
         else:
             norms = x.norm(dim=1, keepdim=True)
             x = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
             self.sq = None
-        self.x = x
-        # rows per tile so that a float64 tile of width n stays within ~1/8 of the budget and
-        # (for speed) small enough to stay in cache
+        self.x = x.to(self.work_dtype)
+        self.xt = self.x.T.contiguous()
+        # rows per tile: a work tile of width n within ~1/8 of the budget, and at most 32 rows
+        # so that a tile stays in cache
         per_row = 8 * max(self.n, 1)
-        self.tile_rows = int(max(1, min(256, budget_bytes // (8 * per_row))))
-        self.dense = 4 * self.n * self.n + 2 * self.tile_rows * per_row <= budget_bytes
+        self.tile_rows = int(max(1, min(32, budget_bytes // (8 * per_row))))
+        self.dense = 4 * self.n * self.n + 4 * self.tile_rows * per_row <= budget_bytes
         self.matrix: torch.Tensor | None = None
         if self.dense:
             self.matrix = self._build_dense()
 
-    def _tile(self, rows: torch.Tensor | slice, cols: torch.Tensor | slice | None) -> torch.Tensor:
-        """Similarities s(rows, cols) computed from the embeddings (float32)."""
-        xa = self.x[rows]
-        xb = self.x if cols is None else self.x[cols]
-        if self.metric == "euclidean":
-            sqa = self.sq[rows]
-            sqb = self.sq if cols is None else self.sq[cols]
-            d2 = sqa[:, None] + sqb[None, :]
-            d2 = torch.addmm(d2, xa, xb.T, beta=1.0, alpha=-2.0)
-            d = d2.clamp_min_(0.0).sqrt_().to(torch.float32)
-            return d.mul_(-self.inv_dim).exp_()
-        return torch.mm(xa, xb.T).clamp_(-1.0, 1.0).to(torch.float32)
-
     def _build_dense(self) -> torch.Tensor:
-        """Builds the full float32 kernel from upper-triangular tiles mirrored (exactly symmetric)."""
+        """The full float32 kernel, exactly symmetric: upper-triangular tiles, mirrored."""
         n = self.n
         s = torch.empty((n, n), dtype=torch.float32, device=self.device)
-        step = self.tile_rows
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            tile = self._tile(slice(r0, r1), slice(r0, n))
+        for r0 in range(0, n, self.tile_rows):
+            r1 = min(n, r0 + self.tile_rows)
+            tile = s[r0:r1, r0:]
+            self._tile(slice(r0, r1), slice(r0, n), out=tile)
+            # the diagonal block: mirror its strict upper triangle onto the lower one
             diag = tile[:, : r1 - r0]
             upper = torch.triu(diag, diagonal=1)
-            s[r0:r1, r0:r1] = upper + upper.T
-            s[r0:r1, r1:] = tile[:, r1 - r0 :]
+            diag.copy_(upper + upper.T)
             s[r1:, r0:r1] = tile[:, r1 - r0 :].T
         s.fill_diagonal_(1.0)
         return s
 
-    def row(self, j: int) -> torch.Tensor:
-        """s(j, .) for all rows of the class (float32, length n)."""
+    def _tile(
+        self, rows: torch.Tensor | slice, cols: torch.Tensor | slice | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Similarities s(rows, cols) computed from the embeddings (float32, quantised)."""
+        xa = self.x[rows]
+        xbt = self.xt if cols is None else self.xt[:, cols]
+        if self.metric == "euclidean":
+            sqb = self.sq if cols is None else self.sq[cols]
+            d2 = torch.add(self.sq[rows][:, None], sqb[None, :])
+            d2 = torch.addmm(d2, xa, xbt, beta=1.0, alpha=-2.0)
+            d2 = d2.clamp_min_(0.0)
+            if out is None:
+                out = d2.to(torch.float32)
+            else:
+                out.copy_(d2)
+            out.sqrt_().mul_(-self.inv_dim).exp_()
+            if float(out.min()) < 0.5:
+                out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+            return out
+        sims = torch.mm(xa, xbt).clamp_(-1.0, 1.0)
+        if out is None:
+            out = sims.to(torch.float32)
+        else:
+            out.copy_(sims)
+        return out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+
+    def column(self, j: int) -> torch.Tensor:
+        """s(., j) for all rows of the class (float32, length n, contiguous)."""
         if self.matrix is not None:
-            return self.matrix[j]
-        out = self._tile(slice(j, j + 1), None)[0]
+            return self.matrix[j]  # symmetric
+        out = self._tile(slice(None), torch.tensor([j], device=self.device))[:, 0]
         out[j] = 1.0
         return out
 
     def block(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
         """s(rows, cols) (float32); ``cols=None`` means all columns."""
         if self.matrix is not None:
-            sub = self.matrix.index_select(0, rows)
-            return sub if cols is None else sub.index_select(1, cols)
+            if cols is None:
+                return self.matrix.index_select(0, rows)
+            return self.matrix[rows[:, None], cols[None, :]]
         out = self._tile(rows, cols)
-        # exact self-similarity
         colpos = torch.arange(self.n, device=self.device) if cols is None else cols
-        eq = rows[:, None] == colpos[None, :]
-        return out.masked_fill_(eq, 1.0)
+        return out.masked_fill_(rows[:, None] == colpos[None, :], 1.0)
 
-    def row_chunks(self) -> Sequence[tuple[int, int, torch.Tensor]]:
-        """Yields ``(r0, r1, s(r0:r1, .))`` over all rows in tiles that fit the budget."""
-        for r0 in range(0, self.n, self.tile_rows):
-            r1 = min(self.n, r0 + self.tile_rows)
-            if self.matrix is not None:
-                yield r0, r1, self.matrix[r0:r1]
+    def row_chunks(self, rows: torch.Tensor | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yields ``(k0, k1, s(rows[k0:k1], .))`` in tiles that fit the budget (all rows by default)."""
+        count = self.n if rows is None else int(rows.numel())
+        for k0 in range(0, count, self.tile_rows):
+            k1 = min(count, k0 + self.tile_rows)
+            if rows is None:
+                if self.matrix is not None:
+                    yield k0, k1, self.matrix[k0:k1]
+                else:
+                    tile = self._tile(slice(k0, k1), None)
+                    idx = torch.arange(k1 - k0, device=self.device)
+                    tile[idx, idx + k0] = 1.0
+                    yield k0, k1, tile
             else:
-                tile = self._tile(slice(r0, r1), None)
-                idx = torch.arange(r1 - r0, device=self.device)
-                tile[idx, idx + r0] = 1.0
-                yield r0, r1, tile
+                yield k0, k1, self.block(rows[k0:k1], None)
+
+    def column_sums(
+        self,
+        lower: torch.Tensor | None = None,
+        upper: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``sum_i clamp(s(i, c), lower_i, upper_i)`` for every column c, exactly (float64).
+
+        Args:
+            lower: Per-row lower clamp (float32), aligned with ``rows``; None for no clamp.
+            upper: Per-row upper clamp (float32), aligned with ``rows``; None for no clamp.
+            rows: Row positions to sum over (all rows by default).
+        """
+        total = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        buf = None
+        for k0, k1, tile in self.row_chunks(rows):
+            if lower is not None or upper is not None:
+                if buf is None or buf.shape[0] != k1 - k0:
+                    buf = torch.empty_like(tile)
+                lo = None if lower is None else lower[k0:k1, None]
+                hi = None if upper is None else upper[k0:k1, None]
+                tile = torch.clamp(tile, min=lo, max=hi, out=buf)
+            total += tile.sum(dim=0, dtype=torch.float64)
+        return total
 
     def exact_gains(self, cur: torch.Tensor) -> torch.Tensor:
-        """gain(c) = sum_i max(0, s(c, i) - cur_i) for every c, in float64."""
-        out = torch.empty(self.n, dtype=torch.float64, device=self.device)
-        for r0, r1, tile in self.row_chunks():
-            out[r0:r1] = (tile - cur[None, :]).clamp_min_(0.0).sum(dim=1, dtype=torch.float64)
-        return out
+        """gain(c) = sum_i max(0, s(i, c) - cur_i) for every c, exactly (float64)."""
+        return self.column_sums(lower=cur) - cur.sum(dtype=torch.float64)
 
 
-def similarity_kernel(embeddings: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+def similarity_kernel(embeddings: torch.Tensor | np.ndarray, metric: str = "euclidean") -> torch.Tensor:
     """The dense float32 similarity matrix :func:`find_isolated` uses for one class.
 
     Meant for inspection and tests on small inputs (it allocates ``4 n^2`` bytes).
@@ -345,7 +396,7 @@ def _greedy_naive(kernel: _Kernel, budget: int) -> list[int]:
         j = int(torch.argmax(gains))
         order.append(j)
         taken[j] = True
-        torch.maximum(cur, kernel.row(j), out=cur)
+        torch.maximum(cur, kernel.column(j), out=cur)
     return order
 
 
@@ -364,15 +415,11 @@ def _greedy_incremental(
     n = kernel.n
     dev = kernel.device
     prune = kernel.metric == "euclidean"
-    gains = torch.empty(n, dtype=torch.float64, device=dev)
-    for r0, r1, tile in kernel.row_chunks():
-        gains[r0:r1] = tile.clamp_min(0.0).sum(dim=1, dtype=torch.float64)
+    # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
+    gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     taken = torch.zeros(n, dtype=torch.bool, device=dev) if generator is not None else None
-    # Below this, float64 round-off could hide an exact tie at zero gain: recompute exactly.
-    tol = 1e-9 * n
-    recomputed = False
     order: list[int] = []
     for _ in range(budget):
         if generator is None:
@@ -382,42 +429,59 @@ def _greedy_incremental(
             pick = torch.randperm(free.numel(), generator=generator)[:sample_size].to(dev)
             cand = free[pick]
             j = int(cand[torch.argmax(gains[cand])])
-        if not recomputed and float(gains[j]) < tol:
-            done = gains == -math.inf
-            gains = kernel.exact_gains(cur).masked_fill_(done, -math.inf)
-            recomputed = True
-            if generator is None:
-                j = int(torch.argmax(gains))
-            else:
-                j = int(cand[torch.argmax(gains[cand])])
+            taken[j] = True
         order.append(j)
         gains[j] = -math.inf
-        if taken is not None:
-            taken[j] = True
-        row = kernel.row(j)
-        upd = (row > cur).nonzero().squeeze(1)
+        col = kernel.column(j)
+        upd = (col > cur).nonzero().squeeze(1)
         m = int(upd.numel())
         if m == 0:
             continue
         old = cur[upd]
-        new = row[upd]
+        new = col[upd]
+        # gain(c) drops by sum_i clamp(s(i, c), old_i, new_i) - old_i over the updated rows
         cols = None
         if prune:
+            # s(i, c) > old_i needs s(c, j) > old_i * new_i (triangle inequality)
             thr = float((old * new).min()) * (1.0 - _PRUNE_MARGIN)
             if thr > 0.0:
-                cand_cols = (row > thr).nonzero().squeeze(1)
-                if cand_cols.numel() < n // 2:
+                cand_cols = (col > thr).nonzero().squeeze(1)
+                if cand_cols.numel() * 4 < n:
                     cols = cand_cols
-        block = kernel.block(upd, cols)
-        lo = old[:, None]
-        delta = torch.clamp(block, min=lo, max=new[:, None]).sub_(lo).sum(dim=0, dtype=torch.float64)
-        if cols is None:
-            gains.sub_(delta)
+        if cols is None and m * 8 > n:
+            delta = kernel.column_sums(lower=old, upper=new, rows=upd)
+            delta -= old.sum(dtype=torch.float64)
+            gains -= delta
         else:
-            gains.index_add_(0, cols, delta, alpha=-1.0)
+            block = kernel.block(upd, cols)
+            torch.clamp(block, min=old[:, None], max=new[:, None], out=block)
+            delta = block.sum(dim=0, dtype=torch.float64) - old.sum(dtype=torch.float64)
+            if cols is None:
+                gains -= delta
+            else:
+                gains.index_add_(0, cols, delta, alpha=-1.0)
         cur[upd] = new
         assign[upd] = j
     return order, assign
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Runs the CPU computation on one intra-op thread, restoring the setting afterwards.
+
+    The selection is a long chain of small tensor operations; torch's thread pool costs more
+    than it gains on them, and on a loaded machine its spinning threads slow everything
+    down by an order of magnitude (measured here: 0.15 s vs 1-5 s for one class's kernel).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _select_class(
