@@ -322,3 +322,31 @@ def test_trigger_stamping_and_random_location():
         stamp(torch.zeros(1, 3, 2, 2), trig)
     with pytest.raises(ValueError, match="size"):
         stamp(torch.zeros(1, 1, 10, 10), trig)
+
+
+def test_gradient_matching_ensemble(data, surrogate):
+    train, test = data
+    second = train_surrogate(train, epochs=2, seed=5, progress=False, device="cpu")
+    poisoned, spec = craft_gradient_matching(
+        train,
+        target_ds=test,
+        budget=0.01,
+        model=[surrogate, second],
+        steps=20,
+        restarts=1,
+        progress=False,
+        seed=3,
+    )
+    check_poisoned(train, poisoned, spec)
+    assert spec.params["ensemble"] == 2 and len(spec.params["surrogate"]["ensemble"]) == 2
+    target = images_to_tensor(test, "image", spec.target_indices)
+    labels = torch.tensor(train["label"])[spec.poison_indices]
+    for member in (surrogate, second):
+        target_grads = parameter_gradients(member, target, torch.tensor([spec.poison_class]))
+        clean = alignment_of(
+            member, images_to_tensor(train, "image", spec.poison_indices), labels, target_grads
+        )
+        poison = alignment_of(
+            member, images_to_tensor(poisoned, "image", spec.poison_indices), labels, target_grads
+        )
+        assert poison < clean

@@ -17,6 +17,7 @@ final loss is kept) and differentiable augmentation (random shifts/flips) of the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,10 @@ def select_poisons(
 
 
 def match_gradients(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     x_clean: torch.Tensor,
     y_poison: torch.Tensor,
-    target_grads: list[torch.Tensor],
+    target_grads: list[torch.Tensor] | Sequence[list[torch.Tensor]],
     *,
     epsilon: float,
     steps: int = 240,
@@ -119,10 +120,12 @@ def match_gradients(
     """Optimise l_inf-bounded perturbations whose training gradient aligns with ``target_grads``.
 
     Args:
-        model: the surrogate, in eval mode, on its device.
+        model: the surrogate, in eval mode, on its device, or a list of them (an ensemble: the loss is
+            the mean alignment loss over its members).
         x_clean: clean poison images ``(n, C, H, W)`` in [0, 1].
         y_poison: their (unchanged) labels.
-        target_grads: the gradient to align with (one tensor per trainable parameter).
+        target_grads: the gradient to align with (one tensor per trainable parameter), or one such
+            list per ensemble member.
         epsilon: l_inf bound in [0, 1] pixel units.
         steps: optimisation steps per restart.
         restarts: independent random starts; the lowest final loss wins.
@@ -140,10 +143,17 @@ def match_gradients(
         ``(delta, info)``: the best perturbation (CPU, float) and ``{"initial_loss", "final_loss",
         "restart_losses"}`` (losses without augmentation; initial = the clean images').
     """
-    dev = next(model.parameters()).device
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not isinstance(target_grads[0], (list, tuple)):
+        target_grads = [target_grads]
+    if len(target_grads) != len(models):
+        raise ValueError(
+            f"got {len(models)} models but {len(target_grads)} target gradients; pass one per model."
+        )
+    dev = next(models[0].parameters()).device
     x_clean = x_clean.to(dev)
     y_poison = y_poison.to(dev)
-    target_grads = [t.detach().to(dev) for t in target_grads]
+    target_grads = [[t.detach().to(dev) for t in tg] for tg in target_grads]
     n = len(x_clean)
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -151,20 +161,20 @@ def match_gradients(
         total = torch.zeros((), device=dev)
         for start in range(0, n, batch_size):
             xb = x_clean[start : start + batch_size] + delta[start : start + batch_size]
-            if augment:
-                xb = shift_flip(xb, gen, max_shift, flip)
-            grads = parameter_gradients(
-                model,
-                xb,
-                y_poison[start : start + batch_size],
-                normalization=normalization,
-                create_graph=augment,
-            )
-            weight = len(xb) / n
-            loss = alignment_loss(grads, target_grads) * weight
-            if augment:
-                loss.backward()
-            total = total + loss.detach()
+            for member, member_grads in zip(models, target_grads):
+                xm = shift_flip(xb, gen, max_shift, flip) if augment else xb
+                grads = parameter_gradients(
+                    member,
+                    xm,
+                    y_poison[start : start + batch_size],
+                    normalization=normalization,
+                    create_graph=augment,
+                )
+                weight = len(xb) / n / len(models)
+                loss = alignment_loss(grads, member_grads) * weight
+                if augment:
+                    loss.backward(retain_graph=len(models) > 1)
+                total = total + loss.detach()
         return total
 
     with torch.enable_grad():
@@ -215,8 +225,9 @@ def craft_gradient_matching(
     target_selection: str = "low_margin",
     budget: float = 0.01,
     epsilon: float = 16 / 255,
-    model: torch.nn.Module | None = None,
+    model: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
     surrogate_epochs: int | None = None,
+    ensemble: int = 1,
     steps: int = 240,
     restarts: int = 4,
     step_size: float = 0.25,
@@ -244,10 +255,13 @@ def craft_gradient_matching(
         target_selection: ``"low_margin"`` or ``"random"`` (see :func:`choose_targets`).
         budget: poisons as a fraction of the training set, in (0, 1).
         epsilon: l_inf bound in [0, 1] pixel units (16/255 by default).
-        model: the surrogate (used as given unless ``surrogate_epochs``); None builds the default tiny
-            ResNet and trains it on ``train_ds``.
+        model: the surrogate (used as given unless ``surrogate_epochs``), or a list of surrogates (an
+            ensemble; targets are chosen with the first); None builds ``ensemble`` default tiny ResNets
+            (seeds ``seed``, ``seed + 1``, ...) and trains them on ``train_ds``.
         surrogate_epochs: epochs to train the surrogate on clean data (None: 12 for the default model,
             0 for a given one).
+        ensemble: number of default surrogates when ``model`` is None (more transfer better to a
+            victim trained from scratch, at proportional cost).
         steps: signed-Adam steps per restart.
         restarts: random restarts (the lowest alignment loss is kept).
         step_size: Adam learning rate as a fraction of ``epsilon``.
@@ -280,18 +294,29 @@ def craft_gradient_matching(
         check_count(train, budget, poison_class)
     if steps < 1 or restarts < 1:
         raise ValueError(f"steps={steps} and restarts={restarts} must both be >= 1.")
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble={ensemble!r} must be an int >= 1 (the number of default surrogates).")
 
-    surrogate, surrogate_info = get_surrogate(
-        train_ds,
-        model,
-        surrogate_epochs,
-        seed=seed,
-        image_column=train.image_column,
-        label_column=train.label_column,
-        device=device,
-        normalization=normalization,
-        progress=progress,
-    )
+    given = list(model) if isinstance(model, (list, tuple)) else [model] * (ensemble if model is None else 1)
+    if not given:
+        raise ValueError("model is an empty list; pass at least one surrogate (or None for the default).")
+    members, member_info = [], []
+    for k, member in enumerate(given):
+        trained, info_k = get_surrogate(
+            train_ds,
+            member,
+            surrogate_epochs,
+            seed=seed + k,
+            image_column=train.image_column,
+            label_column=train.label_column,
+            device=device,
+            normalization=normalization,
+            progress=progress,
+        )
+        members.append(trained)
+        member_info.append(info_k)
+    surrogate = members[0]
+    surrogate_info = member_info[0] if len(members) == 1 else {"ensemble": member_info}
     chosen_here = target_indices is None
     if target_indices is None:
         target_indices, poison_class = choose_targets(
@@ -333,12 +358,13 @@ def craft_gradient_matching(
     y_adv = torch.full((len(target_indices),), poison_class, dtype=torch.long, device=dev)
     with torch.enable_grad():
         target_grads = [
-            g.detach() for g in parameter_gradients(surrogate, x_target, y_adv, normalization=normalization)
+            [g.detach() for g in parameter_gradients(m, x_target, y_adv, normalization=normalization)]
+            for m in members
         ]
     clean_uint8 = images_to_uint8(train_ds, train.image_column, poison_indices)
     x_clean = clean_uint8.float() / 255.0
     delta, info = match_gradients(
-        surrogate,
+        members,
         x_clean,
         train.labels[poison_indices],
         target_grads,
@@ -355,13 +381,21 @@ def craft_gradient_matching(
     )
     poisons = quantise_poisons(x_clean + delta, clean_uint8, epsilon)
     with torch.enable_grad():
-        grads = parameter_gradients(
-            surrogate,
-            (poisons.float() / 255).to(dev),
-            train.labels[poison_indices].to(dev),
-            normalization=normalization,
-        )
-        info["quantised_loss"] = float(alignment_loss(grads, target_grads))
+        losses = [
+            float(
+                alignment_loss(
+                    parameter_gradients(
+                        m,
+                        (poisons.float() / 255).to(dev),
+                        train.labels[poison_indices].to(dev),
+                        normalization=normalization,
+                    ),
+                    tg,
+                )
+            )
+            for m, tg in zip(members, target_grads)
+        ]
+        info["quantised_loss"] = sum(losses) / len(losses)
     poisoned = build_poisoned_dataset(
         train_ds, train.image_column, train.label_column, poison_indices, poisons
     )
@@ -378,6 +412,7 @@ def craft_gradient_matching(
         params={
             "steps": steps,
             "restarts": restarts,
+            "ensemble": len(members),
             "step_size": step_size,
             "max_shift": max_shift,
             "flip": flip,
