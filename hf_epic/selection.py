@@ -577,15 +577,16 @@ def find_isolated(
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
     offset = 0
-    for label, count in zip(classes.tolist(), counts):
-        rows = order[offset : offset + count]
-        offset += count
-        med, assign = _select_class(
-            emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes
-        )
-        assignment[rows] = rows[assign]
-        all_medoids.append(rows[med])
-        per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
+    with _one_thread(dev):
+        for label, count in zip(classes.tolist(), counts):
+            rows = order[offset : offset + count]
+            offset += count
+            med, assign = _select_class(
+                emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes
+            )
+            assignment[rows] = rows[assign]
+            all_medoids.append(rows[med])
+            per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
 
     medoids = torch.cat(all_medoids).cpu()
     assignment = assignment.cpu()
