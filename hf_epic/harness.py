@@ -74,7 +74,10 @@ class HarnessConfig:
         test_size: keep only the first ``test_size`` test rows (None: all).
         epochs: training epochs per cell.
         batch_size: per-device batch size.
-        learning_rate: peak learning rate (AdamW, linear decay).
+        optimizer: ``"sgd"`` (momentum 0.9, Nesterov; the poisoning literature's victim training, as the
+            attacks' surrogate) or ``"adamw"``; both with a cosine learning-rate decay.
+        learning_rate: peak learning rate.
+        weight_decay: weight decay.
         epic_interval: epochs between EPIC selection rounds (T).
         epic_start: first epoch at which EPIC selects.
         baseline_reference: the EPIC defense whose drop schedule the baselines copy.
@@ -95,9 +98,11 @@ class HarnessConfig:
     model: str = "cnn"
     train_size: int | None = None
     test_size: int | None = None
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 3e-3
+    epochs: int = 12
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    weight_decay: float = 5e-4
     epic_interval: int = 2
     epic_start: int = 2
     baseline_reference: str = "epic-0.2"
@@ -110,6 +115,8 @@ class HarnessConfig:
 
     def __post_init__(self) -> None:
         """Validate the settings before any time is spent."""
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'.")
         if self.model not in ("cnn", "vit", "timm-vit"):
             raise ValueError(f"model={self.model!r}: use 'cnn', 'vit' or 'timm-vit'.")
         if self.baseline_reference not in EPIC_DEFENSES:
@@ -760,8 +767,10 @@ def run_cell(
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=256,
         learning_rate=config.finetune_learning_rate if setting == "finetune" else config.learning_rate,
-        weight_decay=5e-4,
-        lr_scheduler_type="linear",
+        weight_decay=config.weight_decay,
+        optim="sgd" if config.optimizer == "sgd" else "adamw_torch",
+        optim_args="momentum=0.9,nesterov=True" if config.optimizer == "sgd" else None,
+        lr_scheduler_type="cosine",
         save_strategy="no",
         logging_strategy="no",
         report_to="none",

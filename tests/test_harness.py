@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_epic.harness import (
     RESULTS_FILE,
@@ -17,6 +18,15 @@ from hf_epic.harness import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waiting makes training far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _record(trial, attack, defense, success, evaluated, accuracy, **extra):
@@ -49,6 +59,8 @@ def test_config_rejects_bad_settings_before_training():
         HarnessConfig(attack_kwargs={"witches_brew": {}})
     with pytest.raises(ValueError, match="epochs"):
         HarnessConfig(epochs=0)
+    with pytest.raises(ValueError, match="sgd"):
+        HarnessConfig(optimizer="adam")
 
 
 def test_run_benchmark_rejects_unknown_names(tmp_path):
