@@ -46,6 +46,13 @@ class ScriptArguments:
             "source split and cache it in <output_dir>/_backbone)."
         },
     )
+    model_kind: str = field(
+        default="vit",
+        metadata={
+            "help": "Tiny model built from a config when no --model_name_or_path: 'vit' (HF ViT), "
+            "'timm-vit' or 'cnn' (timm ResNet). The fine-tuning recipe always uses a ViT."
+        },
+    )
     dataset_name: str = field(
         default="digits",
         metadata={"help": "'digits' (offline, scikit-learn digits rendered as images) or a Hub dataset id."},
@@ -128,6 +135,8 @@ def check_script_args(a: ScriptArguments) -> None:
     Args:
         a: The parsed script arguments.
     """
+    if a.model_kind not in ("vit", "timm-vit", "cnn"):
+        raise ValueError(f"--model_kind {a.model_kind!r}: use 'vit', 'timm-vit' or 'cnn'.")
     known = (*TARGETED_ATTACKS, *BACKDOOR_ATTACKS, "none")
     if a.attack not in known:
         raise ValueError(f"--attack {a.attack!r} is unknown; use one of {', '.join(known)}.")

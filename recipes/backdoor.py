@@ -25,6 +25,10 @@ Commands (from the repository root):
         recipes/backdoor.py --output_dir outputs/backdoor \\
         --push_to_hub --hub_model_id <you>/digits-backdoor-epic
 
+The default data set is scikit-learn's digits (``--digits_variant plain``), on which the tiny ViT
+trains within minutes on a CPU; ``--digits_variant hard`` renders them in colour on textured
+backgrounds (much harder: use ``--model_kind cnn`` and more epochs there).
+
 Every ``TrainingArguments`` flag and every ``--epic_*`` flag of ``hf_epic.EpicConfig`` works here;
 ``python recipes/backdoor.py --help`` lists them.
 """
@@ -57,11 +61,11 @@ from _common import (  # noqa: E402
 )
 
 SCRIPT_DEFAULTS = {
+    "digits_variant": "plain",
     "image_size": 16,
     "attack": "badnets",
     "poison_class": 0,
     "poison_budget": 0.02,
-    "max_train_rows": 2000,
 }
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/backdoor",
@@ -85,7 +89,7 @@ TRAINING_DEFAULTS = {
 
 
 def new_model(a, id2label: dict[int, str]):
-    """The model to train: the given pretrained one, or a tiny ViT built from a config.
+    """The model to train: the given pretrained one, or a tiny model built from a config.
 
     Args:
         a: Script arguments.
@@ -93,7 +97,7 @@ def new_model(a, id2label: dict[int, str]):
     """
     if a.model_name_or_path:
         return load_pretrained(a.model_name_or_path, id2label)
-    return build_model("vit", a, id2label)
+    return build_model(a.model_kind, a, id2label)
 
 
 def main() -> None:

@@ -51,7 +51,6 @@ def test_docstring_commands_are_ready_to_paste(name: str) -> None:
         _, training_args = module.parse_args(
             module.SCRIPT_DEFAULTS,
             module.TRAINING_DEFAULTS,
-            **({"script_class": module.FromScratchArguments} if name == "from_scratch" else {}),
             argv=argv,
         )
         assert training_args.output_dir.startswith("outputs/")
@@ -62,8 +61,7 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
     from hf_epic import EpicConfig
 
     module = load_recipe(name)
-    extra = {"script_class": module.FromScratchArguments} if name == "from_scratch" else {}
-    a, training_args = module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, **extra, argv=[])
+    a, training_args = module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=[])
     assert isinstance(training_args, EpicConfig)
     assert training_args.output_dir == f"outputs/{name}"
     assert training_args.remove_unused_columns is False and training_args.epic_enabled
@@ -75,7 +73,6 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
     a, training_args = module.parse_args(
         module.SCRIPT_DEFAULTS,
         module.TRAINING_DEFAULTS,
-        **extra,
         argv=["--epic_fraction", "0.3", "--attack", "none"],
     )
     assert training_args.epic_fraction == 0.3 and a.attack == "none"
