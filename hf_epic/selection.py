@@ -80,6 +80,8 @@ _GREEDY = ("lazy", "naive", "stochastic")
 # Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
 # similarities is ~1e-7 relative; this is two orders of magnitude above it).
 _PRUNE_MARGIN = 1e-5
+# Blocks up to this many elements are processed in one piece.
+_SMALL_BLOCK = 1 << 15
 
 
 @dataclass
@@ -222,6 +224,17 @@ def class_budget(fraction: float, n: int) -> int:
 _QUANTUM = 2.0**24
 
 
+def _tile_plan(n: int, budget_bytes: int) -> tuple[int, bool]:
+    """(rows per work tile, whether the dense n x n float32 kernel fits the budget).
+
+    A float64 work tile of width n takes at most ~1/8 of the budget and at most 32 rows, so
+    that it stays in cache.
+    """
+    per_row = 8 * max(n, 1)
+    tile_rows = int(max(1, min(32, budget_bytes // (8 * per_row))))
+    return tile_rows, 4 * n * n + 4 * tile_rows * per_row <= budget_bytes
+
+
 class _Kernel:
     """The similarity kernel of one class, either held densely or recomputed in tiles.
 
@@ -232,9 +245,14 @@ class _Kernel:
         x: The class's embeddings (rows x D), any float dtype, on the compute device.
         metric: ``"euclidean"`` or ``"cosine"``.
         budget_bytes: Memory the kernel may use.
+        workspace: A one-element list holding a float32 buffer to build the dense kernel in
+            (grown and replaced when too small), so that consecutive classes reuse memory
+            instead of page-faulting in a fresh ``4 n^2`` bytes each time.
     """
 
-    def __init__(self, x: torch.Tensor, metric: str, budget_bytes: int) -> None:
+    def __init__(
+        self, x: torch.Tensor, metric: str, budget_bytes: int, workspace: list[torch.Tensor] | None = None
+    ) -> None:
         self.metric = metric
         self.n = int(x.shape[0])
         self.device = x.device
@@ -251,19 +269,20 @@ class _Kernel:
             self.sq = None
         self.x = x.to(self.work_dtype)
         self.xt = self.x.T.contiguous()
-        # rows per tile: a work tile of width n within ~1/8 of the budget, and at most 32 rows
-        # so that a tile stays in cache
-        per_row = 8 * max(self.n, 1)
-        self.tile_rows = int(max(1, min(32, budget_bytes // (8 * per_row))))
-        self.dense = 4 * self.n * self.n + 4 * self.tile_rows * per_row <= budget_bytes
+        self.tile_rows, self.dense = _tile_plan(self.n, budget_bytes)
         self.matrix: torch.Tensor | None = None
         if self.dense:
-            self.matrix = self._build_dense()
+            self.matrix = self._build_dense(workspace)
 
-    def _build_dense(self) -> torch.Tensor:
+    def _build_dense(self, workspace: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The full float32 kernel, exactly symmetric: upper-triangular tiles, mirrored."""
         n = self.n
-        s = torch.empty((n, n), dtype=torch.float32, device=self.device)
+        if workspace is None:
+            s = torch.empty((n, n), dtype=torch.float32, device=self.device)
+        else:
+            if not workspace or workspace[0].numel() < n * n or workspace[0].device != self.device:
+                workspace[:] = [torch.empty(n * n, dtype=torch.float32, device=self.device)]
+            s = workspace[0][: n * n].view(n, n)
         for r0 in range(0, n, self.tile_rows):
             r1 = min(n, r0 + self.tile_rows)
             tile = s[r0:r1, r0:]
@@ -400,6 +419,44 @@ def _greedy_naive(kernel: _Kernel, budget: int) -> list[int]:
     return order
 
 
+def _clamped_column_sums(
+    kernel: _Kernel,
+    rows: torch.Tensor,
+    cols: torch.Tensor | None,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    exact_in_float32: bool,
+) -> torch.Tensor:
+    """``sum_i clamp(s(i, c), lower_i, upper_i) - lower_i`` over ``rows`` for each c in ``cols``.
+
+    Args:
+        kernel: The class's kernel.
+        rows: Row positions (int64).
+        cols: Column positions, or None for all columns.
+        lower: Per-row lower clamp, aligned with ``rows``.
+        upper: Per-row upper clamp, aligned with ``rows``.
+        exact_in_float32: Whether every partial sum is known to stay below 1, so that a float32
+            sum is exact; otherwise the rows are summed in float64.
+
+    Returns:
+        The sums, float64.
+    """
+    width = kernel.n if cols is None else int(cols.numel())
+    m = int(rows.numel())
+    step = m if exact_in_float32 else max(1, min(m, _SMALL_BLOCK // max(width, 1)))
+    total = None
+    span = upper - lower  # exact: both are multiples of 2**-24 in [0, 1]
+    for k0 in range(0, m, step):
+        k1 = min(m, k0 + step)
+        piece = kernel.block(rows[k0:k1], cols)
+        # max(0, s - lower) then min(., upper - lower): equals clamp(s, lower, upper) - lower
+        # exactly (the differences are exact), and is ~5x faster than a three-tensor clamp
+        torch.minimum(piece.sub_(lower[k0:k1, None]).clamp_min_(0.0), span[k0:k1, None], out=piece)
+        part = piece.sum(dim=0) if exact_in_float32 else piece.sum(dim=0, dtype=torch.float64)
+        total = part if total is None else total.add_(part)
+    return total.to(torch.float64)
+
+
 def _greedy_incremental(
     kernel: _Kernel,
     budget: int,
@@ -431,35 +488,31 @@ def _greedy_incremental(
             j = int(cand[torch.argmax(gains[cand])])
             taken[j] = True
         order.append(j)
+        gain = float(gains[j])
         gains[j] = -math.inf
         col = kernel.column(j)
         upd = (col > cur).nonzero().squeeze(1)
-        m = int(upd.numel())
+        m = upd.numel()
         if m == 0:
             continue
         old = cur[upd]
         new = col[upd]
         # gain(c) drops by sum_i clamp(s(i, c), old_i, new_i) - old_i over the updated rows
         cols = None
-        if prune:
+        if prune and m * n > _SMALL_BLOCK:
             # s(i, c) > old_i needs s(c, j) > old_i * new_i (triangle inequality)
             thr = float((old * new).min()) * (1.0 - _PRUNE_MARGIN)
             if thr > 0.0:
                 cand_cols = (col > thr).nonzero().squeeze(1)
                 if cand_cols.numel() * 4 < n:
                     cols = cand_cols
-        if cols is None and m * 8 > n:
-            delta = kernel.column_sums(lower=old, upper=new, rows=upd)
-            delta -= old.sum(dtype=torch.float64)
+        # Every partial column sum is at most sum_i (new_i - old_i) = gain of j; below 1 a
+        # float32 sum of these multiples of 2**-24 is exact, otherwise sum in float64.
+        delta = _clamped_column_sums(kernel, upd, cols, old, new, exact_in_float32=gain < 0.999)
+        if cols is None:
             gains -= delta
         else:
-            block = kernel.block(upd, cols)
-            torch.clamp(block, min=old[:, None], max=new[:, None], out=block)
-            delta = block.sum(dim=0, dtype=torch.float64) - old.sum(dtype=torch.float64)
-            if cols is None:
-                gains -= delta
-            else:
-                gains.index_add_(0, cols, delta, alpha=-1.0)
+            gains.index_add_(0, cols, delta, alpha=-1.0)
         cur[upd] = new
         assign[upd] = j
     return order, assign
@@ -492,11 +545,12 @@ def _select_class(
     generator: torch.Generator,
     epsilon: float,
     budget_bytes: int,
+    workspace: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy facility location on one class; returns (medoids, assignment) as class positions."""
     n = int(x.shape[0])
     budget = class_budget(fraction, n)
-    kernel = _Kernel(x, metric, budget_bytes)
+    kernel = _Kernel(x, metric, budget_bytes, workspace)
     if greedy == "naive":
         order = _greedy_naive(kernel, budget)
         assign = None
@@ -562,6 +616,27 @@ def find_isolated(
         TypeError: If the inputs are neither torch tensors nor numpy arrays.
     """
     start = time.perf_counter()
+    device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
+    with _one_thread(device):
+        result = _find_isolated(
+            embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
+        )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _find_isolated(
+    embeddings: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    fraction: float,
+    metric: str,
+    greedy: str,
+    cluster_threshold: int,
+    seed: int,
+    epsilon: float,
+    memory_budget_mb: float,
+) -> SelectionResult:
+    """:func:`find_isolated` without the thread setting and timing (same arguments)."""
     emb, lab = _check_inputs(
         embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
     )
@@ -576,17 +651,19 @@ def find_isolated(
     assignment = torch.empty(n, dtype=torch.int64, device=dev)
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
+    # the dense kernels' memory, allocated once for the largest class held densely and reused
+    dense_sizes = [c for c in counts if _tile_plan(c, budget_bytes)[1]]
+    workspace = [torch.empty(max(dense_sizes) ** 2, dtype=torch.float32, device=dev)] if dense_sizes else []
     offset = 0
-    with _one_thread(dev):
-        for label, count in zip(classes.tolist(), counts):
-            rows = order[offset : offset + count]
-            offset += count
-            med, assign = _select_class(
-                emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes
-            )
-            assignment[rows] = rows[assign]
-            all_medoids.append(rows[med])
-            per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
+    for label, count in zip(classes.tolist(), counts):
+        rows = order[offset : offset + count]
+        offset += count
+        med, assign = _select_class(
+            emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes, workspace
+        )
+        assignment[rows] = rows[assign]
+        all_medoids.append(rows[med])
+        per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
 
     medoids = torch.cat(all_medoids).cpu()
     assignment = assignment.cpu()
@@ -608,5 +685,4 @@ def find_isolated(
         dropped=dropped,
         kept=kept,
         per_class=per_class,
-        seconds=time.perf_counter() - start,
     )
