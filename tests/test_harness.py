@@ -257,3 +257,42 @@ def test_backdoors_get_seeded_distinct_poison_and_source_classes():
     )
     gradient_matching = inspect.signature(_attack_function("gradient_matching")).parameters
     assert _draw_classes(gradient_matching, {"seed": 0}, 10) == {}  # it picks its own from the target
+
+
+def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_features(tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_epic.attacks.surrogate import classifier_layer
+    from hf_epic.harness import (
+        craft_or_load,
+        load_benchmark_dataset,
+        pretrained_model,
+        run_cell,
+        victim_setting,
+    )
+
+    config = HarnessConfig(
+        **{**SMALL, "pretrain_epochs": 1, "attack_kwargs": {"bullseye_polytope": {"steps": 5}}}
+    )
+    assert victim_setting("bullseye_polytope", config) == "transfer"
+    assert victim_setting("gradient_matching", config) == "scratch"
+    splits = load_benchmark_dataset(config)
+    attacked = pretrained_model(0, splits, config, tmp_path / "pretrained")
+    cached = load_file(str(tmp_path / "pretrained" / "trial_000" / "model.safetensors"))
+    poisoned, spec, _ = craft_or_load(
+        "bullseye_polytope", 0, splits, config, tmp_path / "poisons", model=attacked
+    )
+    assert spec.attack == "bullseye_polytope" and sum(poisoned["is_poison"]) == len(spec.poison_indices) > 0
+
+    victim = pretrained_model(0, splits, config, tmp_path / "pretrained")  # a fresh copy from the cache
+    record = run_cell(
+        0, "bullseye_polytope", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / "run",
+        initial_model=victim, setting="transfer",
+    )  # fmt: skip
+    assert record["setting"] == "transfer" and record["attack_kind"] == "targeted"
+    head = {id(p) for p in classifier_layer(victim).parameters()}
+    names = {n for n, p in victim.named_parameters() if id(p) in head}
+    after = victim.state_dict()
+    # every feature tensor (weights and BatchNorm running statistics) is exactly the pretrained one
+    assert all(torch.equal(after[k].cpu(), v) for k, v in cached.items() if k not in names)
+    assert any(not torch.equal(after[k].cpu(), cached[k]) for k in names)
