@@ -65,8 +65,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -512,7 +514,8 @@ def _greedy_incremental(
             j = int(torch.argmax(gains))
         else:
             free = (~taken).nonzero().squeeze(1)
-            pick = torch.randperm(free.numel(), generator=generator)[:sample_size].to(dev)
+            # the sample, in row order so that ties go to the lowest row position
+            pick = torch.randperm(free.numel(), generator=generator)[:sample_size].sort().values.to(dev)
             cand = free[pick]
             j = int(cand[torch.argmax(gains[cand])])
             taken[j] = True
@@ -633,9 +636,19 @@ def find_isolated(
     """
     start = time.perf_counter()
     device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
     with _one_thread(device):
         result = _find_isolated(
-            embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
+            embeddings,
+            labels,
+            fraction,
+            metric,
+            greedy,
+            cluster_threshold,
+            seed,
+            epsilon,
+            memory_budget_mb,
+            workers=workers,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -651,35 +664,57 @@ def _find_isolated(
     seed: int,
     epsilon: float,
     memory_budget_mb: float,
+    workers: int = 1,
 ) -> SelectionResult:
-    """:func:`find_isolated` without the thread setting and timing (same arguments)."""
+    """:func:`find_isolated` without the thread setting and timing (same arguments).
+
+    ``workers`` classes are processed concurrently.
+    """
     emb, lab = _check_inputs(
         embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
     )
     n = int(emb.shape[0])
     dev = emb.device
     budget_bytes = int(float(memory_budget_mb) * (1 << 20))
-    generator = torch.Generator().manual_seed(int(seed))
     classes, inverse = torch.unique(lab, sorted=True, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=int(classes.numel())).tolist()
 
     assignment = torch.empty(n, dtype=torch.int64, device=dev)
+    starts = [0]
+    for count in counts[:-1]:
+        starts.append(starts[-1] + count)
+    # Classes are independent; on a CPU with several threads they run concurrently (each on
+    # one intra-op thread) if the largest class's dense kernel fits the budget's share.
+    workers = max(1, min(workers, len(counts)))
+    if workers > 1 and not _tile_plan(max(counts), budget_bytes // workers)[1]:
+        workers = 1
+    share = budget_bytes // workers
+    local = threading.local()
+
+    def run(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(local, "workspace"):
+            local.workspace = []  # the dense kernel's memory, reused class after class
+        rows = order[starts[k] : starts[k] + counts[k]]
+        generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
+        med, assign = _select_class(
+            emb[rows], float(fraction), metric, greedy, generator, epsilon, share, local.workspace
+        )
+        return rows[med], rows[assign]
+
+    by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            done = dict(zip(by_size, pool.map(run, by_size)))
+    else:
+        done = {k: run(k) for k in by_size}
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
-    # the dense kernels' memory, allocated once for the largest class held densely and reused
-    dense_sizes = [c for c in counts if _tile_plan(c, budget_bytes)[1]]
-    workspace = [torch.empty(max(dense_sizes) ** 2, dtype=torch.float32, device=dev)] if dense_sizes else []
-    offset = 0
-    for label, count in zip(classes.tolist(), counts):
-        rows = order[offset : offset + count]
-        offset += count
-        med, assign = _select_class(
-            emb[rows], float(fraction), metric, greedy, generator, epsilon, budget_bytes, workspace
-        )
-        assignment[rows] = rows[assign]
-        all_medoids.append(rows[med])
-        per_class[int(label)] = {"n": count, "budget": int(med.numel()), "num_dropped": 0}
+    for k, label in enumerate(classes.tolist()):
+        med, assign = done[k]
+        assignment[order[starts[k] : starts[k] + counts[k]]] = assign
+        all_medoids.append(med)
+        per_class[int(label)] = {"n": counts[k], "budget": int(med.numel()), "num_dropped": 0}
 
     medoids = torch.cat(all_medoids).cpu()
     assignment = assignment.cpu()

@@ -295,3 +295,17 @@ def test_inputs_are_not_modified():
     e0, l0 = emb.clone(), labels.clone()
     find_isolated(emb, labels, 0.2)
     assert torch.equal(emb, e0) and torch.equal(labels, l0)
+
+
+def test_concurrent_classes_give_the_same_result():
+    emb, labels = _gradient_like(600, 5, 12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = find_isolated(emb, labels, 0.2, greedy="stochastic", seed=3)
+        torch.set_num_threads(2)  # classes run on two worker threads
+        two = find_isolated(emb, labels, 0.2, greedy="stochastic", seed=3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert torch.equal(one.medoids, two.medoids) and torch.equal(one.assignment, two.assignment)
