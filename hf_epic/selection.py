@@ -39,26 +39,43 @@ Optimisers
     The definition above, recomputing every gain at every step: ``O(K n^2)``. Used as the
     golden reference in the tests.
 ``greedy="lazy"``
-    Exact greedy (the same medoids as ``"naive"``, up to floating-point ties) with
-    incrementally maintained gains. After ``j*`` is selected, only rows whose ``cur_i``
+    Exact greedy with incrementally maintained gains. After ``j*`` is selected, only rows whose ``cur_i``
     increases (from ``o_i`` to ``n_i = s(i, j*)``) change any gain, and the gain of
     candidate ``c`` drops by exactly ``sum_i clamp(s(i, c), o_i, n_i) - o_i``. For the
     euclidean kernel a row can only affect candidates with ``s(i, c) > o_i``, and by the
     triangle inequality those satisfy ``s(c, j*) > o_i * n_i``; only that block of the
-    kernel is touched. Gains are accumulated in float64.
+    kernel is touched (rows are grouped by their threshold, each group against its own
+    candidate set). Gains are exact (see below), so the medoids are identical to
+    ``"naive"``'s, ties included.
 ``greedy="stochastic"``
     Stochastic greedy (Mirzasoleiman et al., AAAI 2015): each step draws, without
     replacement and seeded by ``seed``, ``ceil((n_c / K_c) log(1 / epsilon))`` not yet
     selected rows and adds the one with the largest exact gain. Expected
     ``(1 - 1/e - epsilon)`` approximation.
 
-Memory
-------
-The similarity kernel of a class is held in memory (float32, ``4 n_c^2`` bytes) only if it
-fits ``memory_budget_mb``; otherwise it is never materialised and the needed rows and blocks
-are recomputed from the embeddings in tiles that fit the budget. Distances are computed in
-float64 (``||a||^2 + ||b||^2 - 2 a.b`` on class-centred data) and the similarities rounded
-to float32.
+Exactness
+---------
+Similarities are rounded to multiples of ``2**-24`` (float32 values in ``[0.5, 1]``, which
+is all of the euclidean kernel for EPIC's embeddings, already are). Sums of such numbers
+are exact in float64, so every gain is exact whatever the order of summation: ``"lazy"`` and
+``"naive"`` see bit-identical gains and pick identical medoids, exact ties included (the
+lowest row position wins; submodlib's heap breaks them differently, which is why its medoids
+can differ from ours after a tie while every step's gain is the same).
+
+Memory and speed
+----------------
+The similarity kernel of a class is held in memory (float32, ``4 n_c^2`` bytes, exactly
+symmetric: upper-triangular tiles are computed and mirrored) only if it fits
+``memory_budget_mb``; otherwise it is never materialised and the rows and blocks the greedy
+needs are recomputed from the embeddings in tiles that fit the budget. That path is exact up to
+the last bit of the recomputed similarities (differently shaped matrix products may round
+differently), and costs ``O(n_c^2)`` kernel evaluations per pass over the class, so very large
+classes are slow on a CPU (a class of 200,000 rows needs 4e10 evaluations for its first gains).
+Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
+class-centred data) and in float32 above. On the CPU the work runs on one intra-op thread
+(torch's thread pool costs more than it gains on the many small operations, and spins
+badly on a loaded machine); instead, when torch is configured for several threads, that
+many classes are processed concurrently, each with its share of the memory budget.
 """
 
 from __future__ import annotations
@@ -226,14 +243,14 @@ def class_budget(fraction: float, n: int) -> int:
 _QUANTUM = 2.0**24
 
 
-def _tile_plan(n: int, budget_bytes: int) -> tuple[int, bool]:
+def _tile_plan(n: int, budget_bytes: int, cuda: bool = False) -> tuple[int, bool]:
     """(rows per work tile, whether the dense n x n float32 kernel fits the budget).
 
-    A float64 work tile of width n takes at most ~1/8 of the budget and at most 32 rows, so
-    that it stays in cache.
+    A float64 work tile of width n takes at most ~1/8 of the budget and at most 32 rows on
+    the CPU (so that it stays in cache) or 1024 rows on a GPU (fewer, larger launches).
     """
     per_row = 8 * max(n, 1)
-    tile_rows = int(max(1, min(32, budget_bytes // (8 * per_row))))
+    tile_rows = int(max(1, min(1024 if cuda else 32, budget_bytes // (8 * per_row))))
     return tile_rows, 4 * n * n + 4 * tile_rows * per_row <= budget_bytes
 
 
@@ -271,7 +288,7 @@ class _Kernel:
             self.sq = None
         self.x = x.to(self.work_dtype)
         self.xt = self.x.T.contiguous()
-        self.tile_rows, self.dense = _tile_plan(self.n, budget_bytes)
+        self.tile_rows, self.dense = _tile_plan(self.n, budget_bytes, x.device.type == "cuda")
         self.matrix: torch.Tensor | None = None
         if self.dense:
             self.matrix = self._build_dense(workspace)
