@@ -15,18 +15,23 @@ from hf_epic.epic_callback import EpicCallback
 from hf_epic.epic_trainer import ORIGINAL_ROW_COLUMN, EpicTrainer
 from hf_epic.state import EpicState
 
-PLANTED_ROWS = (5, 40, 77, 120, 200)
-
 
 def planted_digits(num_rows: int = 400):
-    """Digits whose PLANTED_ROWS are relabelled to another class: isolated in gradient space."""
-    base = small_digits(num_rows)
-    labels = base["label"]
-    return small_digits(num_rows, {r: (labels[r] + 5) % 10 for r in PLANTED_ROWS})
+    """Digits with one planted row in each of classes 0-4, relabelled to class + 5.
+
+    Each planted row is alone in its new class (a 0 labelled 5, a 1 labelled 6, ...), so once the
+    model has learnt the digits its gradient embedding is isolated: EPIC's target.
+
+    Returns:
+        ``(dataset, planted_rows)``.
+    """
+    labels = small_digits(num_rows)["label"]
+    planted = tuple(labels.index(c, 10) for c in range(5))
+    return small_digits(num_rows, {r: labels[r] + 5 for r in planted}), planted
 
 
 def test_planted_rows_dropped_and_never_seen_again(tmp_path):
-    raw = planted_digits(400)
+    raw, planted = planted_digits(400)
     fingerprint = raw._fingerprint
     train = with_pixels(raw)
     collator = RecordingCollator()
@@ -37,11 +42,11 @@ def test_planted_rows_dropped_and_never_seen_again(tmp_path):
 
     # The planted rows are found (and the drop is selective: clean rows mostly stay).
     dropped = set(state.dropped)
-    found = dropped & set(PLANTED_ROWS)
-    assert len(found) >= 4, f"planted rows dropped: {sorted(found)} of {PLANTED_ROWS}"
-    assert len(dropped - set(PLANTED_ROWS)) < 0.15 * 400
+    assert set(planted) <= dropped, f"planted rows {planted}, dropped {sorted(dropped)}"
+    assert len(dropped - set(planted)) < 0.12 * 400
     assert [r["epoch"] for r in state.rounds] == [2, 3]
-    assert sum(r["poisons_dropped"] for r in state.rounds) == len(found)
+    assert sum(r["poisons_dropped"] for r in state.rounds) == len(planted)
+    assert state.rounds[-1]["poisons_dropped_total"] == len(planted)
 
     # One batch per optimizer step (no accumulation): batch b is trained at global step b + 1.
     assert len(collator.batches) == trainer.state.global_step
