@@ -196,6 +196,10 @@ class EpicTrainer(Trainer):
         self, model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs
     ):
         """Run one epoch with step counts recomputed from the kept set (the callback ran its round already)."""
+        if self.epic_callback.sampler is None or self.epic_callback.state is None:  # e.g. EPIC off, no length
+            return super()._run_epoch(
+                model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs
+            )
         steps_in_epoch = len(train_dataloader)
         accumulation = self.args.gradient_accumulation_steps
         num_update_steps_per_epoch = max(math.ceil(steps_in_epoch / accumulation), 1)

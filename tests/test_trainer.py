@@ -259,3 +259,25 @@ def test_max_steps_is_honoured_while_the_set_shrinks(tmp_path):
     assert len(state.rounds) >= 3 and state.num_dropped > 0  # more, shorter epochs than 30 // 7
     assert (tmp_path / "checkpoint-30" / "epic_state.json").is_file()
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_epic_disabled_trains_on_every_row_and_accepts_an_iterable_dataset(tmp_path):
+    collator = RecordingCollator()
+    args = make_config(tmp_path, num_train_epochs=2, epic_enabled=False)
+    trainer = EpicTrainer(
+        model=tiny_vit(0), args=args, train_dataset=with_pixels(small_digits(64)), data_collator=collator
+    )
+    trainer.train()
+    assert trainer.epic_state.rounds == [] and trainer.epic_state.dropped == []
+    assert sorted(r for b in collator.batches for r in b) == sorted(2 * list(range(64)))
+
+    from hf_epic.models import image_transform
+
+    transform = image_transform(16, 1)
+    iterable = small_digits(64).to_iterable_dataset()
+    iterable = iterable.map(transform, batched=True, remove_columns=["image", "row_id", "is_poison"])
+    trainer = EpicTrainer(
+        model=tiny_vit(0), args=make_config(tmp_path, max_steps=3, epic_enabled=False), train_dataset=iterable
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
