@@ -22,7 +22,7 @@ def craft_badnets(
     train_ds: Dataset,
     *,
     poison_class: int,
-    budget: float = 0.02,
+    budget: float = 0.05,
     source_class: int | None = None,
     trigger: dict[str, Any] | None = None,
     patch_size: int | None = None,
@@ -40,7 +40,7 @@ def craft_badnets(
         source_class: take poison rows only from this class (None: from every other class).
         trigger: a trigger dict (see :func:`make_patch_trigger`); None makes one from ``patch_size``,
             ``location`` and ``seed``.
-        patch_size: side of the generated patch (None: 15% of the image side, at least 3 pixels).
+        patch_size: side of the generated patch (None: 20% of the image side, at least 3 pixels).
         location: where the generated patch goes (``"bottom_right"``, ``"random"`` or ``(row, col)``).
         image_column: image column (None: auto-detect).
         label_column: label column (None: auto-detect).
@@ -60,7 +60,7 @@ def craft_badnets(
             )
     c, h, _ = train.shape
     if trigger is None:
-        size = patch_size if patch_size is not None else max(3, round(0.15 * h))
+        size = patch_size if patch_size is not None else max(3, round(0.2 * h))
         trigger = make_patch_trigger(c, size=size, location=location, source_class=source_class, seed=seed)
     else:
         trigger = dict(
