@@ -108,6 +108,7 @@ def main() -> None:
     plain = [r["seconds"] for r in results if r["kind"] == "trainer"]
     epic = [r for r in results if r["kind"] == "epic"]
     ratio = statistics.median(e["seconds"] for e in epic) / statistics.median(plain)
+    pair_ratios = [e["seconds"] / p for e, p in zip(epic, plain)]
     emb = statistics.median(e["embedding_seconds"] for e in epic)
     sel = statistics.median(e["selection_seconds"] for e in epic)
     epic_wall = statistics.median(e["seconds"] for e in epic)
@@ -122,13 +123,19 @@ def main() -> None:
     print(
         f"ratio EpicTrainer / Trainer: {ratio:.3f}x  (target <= 1.25x: {'met' if ratio <= 1.25 else 'NOT met'})"
     )
+    pairs = ", ".join(f"{r:.3f}" for r in pair_ratios)
+    print(f"per-pair ratios: {pairs} (median {statistics.median(pair_ratios):.3f})")
     print(
         f"EPIC time: embedding passes {emb:.2f} s ({100 * emb / epic_wall:.1f}% of the EPIC run), "
         f"selection {sel:.2f} s ({100 * sel / epic_wall:.1f}%)"
     )
     if options.json:
         with open(options.json, "w") as handle:
-            json.dump({"options": vars(options), "runs": results, "ratio": ratio}, handle, indent=1)
+            json.dump(
+                {"options": vars(options), "runs": results, "ratio": ratio, "pair_ratios": pair_ratios},
+                handle,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
