@@ -281,8 +281,13 @@ class _Kernel:
         x = x.to(torch.float64)
         if metric == "euclidean":
             x = x - x.mean(dim=0, keepdim=True)
-            self.sq = (x * x).sum(dim=1).to(self.work_dtype)
+            sq = (x * x).sum(dim=1)
+            self.sq = sq.to(self.work_dtype)
+            # every distance is at most twice the largest norm; if all similarities are then
+            # >= 0.5, float32 already holds them as multiples of 2**-24
+            self.needs_rounding = math.exp(-2.0 * math.sqrt(float(sq.max())) * self.inv_dim * 1.001) < 0.5
         else:
+            self.needs_rounding = True
             norms = x.norm(dim=1, keepdim=True)
             x = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
             self.sq = None
@@ -290,6 +295,7 @@ class _Kernel:
         self.xt = self.x.T.contiguous()
         self.tile_rows, self.dense = _tile_plan(self.n, budget_bytes, x.device.type == "cuda")
         self.matrix: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None  # plain column sums, when known
         if self.dense:
             self.matrix = self._build_dense(workspace)
 
@@ -302,6 +308,8 @@ class _Kernel:
             if not workspace or workspace[0].numel() < n * n or workspace[0].device != self.device:
                 workspace[:] = [torch.empty(n * n, dtype=torch.float32, device=self.device)]
             s = workspace[0][: n * n].view(n, n)
+        # column sums of the kernel, gathered while each tile is in cache (exact in float64)
+        sums = torch.zeros(n, dtype=torch.float64, device=self.device)
         for r0 in range(0, n, self.tile_rows):
             r1 = min(n, r0 + self.tile_rows)
             tile = s[r0:r1, r0:]
@@ -310,8 +318,12 @@ class _Kernel:
             diag = tile[:, : r1 - r0]
             upper = torch.triu(diag, diagonal=1)
             diag.copy_(upper + upper.T)
-            s[r1:, r0:r1] = tile[:, r1 - r0 :].T
-        s.fill_diagonal_(1.0)
+            diag.fill_diagonal_(1.0)
+            right = tile[:, r1 - r0 :]
+            s[r1:, r0:r1] = right.T
+            sums[r0:] += tile.sum(dim=0, dtype=torch.float64)
+            sums[r0:r1] += right.sum(dim=1, dtype=torch.float64)
+        self.sums = sums
         return s
 
     def _tile(
@@ -330,7 +342,7 @@ class _Kernel:
             else:
                 out.copy_(d2)
             out.sqrt_().mul_(-self.inv_dim).exp_()
-            if float(out.min()) < 0.5:
+            if self.needs_rounding:
                 out.mul_(_QUANTUM).round_().div_(_QUANTUM)
             return out
         sims = torch.mm(xa, xbt).clamp_(-1.0, 1.0)
@@ -387,6 +399,8 @@ class _Kernel:
             upper: Per-row upper clamp (float32), aligned with ``rows``; None for no clamp.
             rows: Row positions to sum over (all rows by default).
         """
+        if lower is None and upper is None and rows is None and self.sums is not None:
+            return self.sums.clone()
         total = torch.zeros(self.n, dtype=torch.float64, device=self.device)
         buf = None
         for k0, k1, tile in self.row_chunks(rows):
@@ -548,7 +562,12 @@ def _greedy_incremental(
         new = col[upd]
         # Every partial column sum is at most sum_i (new_i - old_i) = gain of j; below 1 a
         # float32 sum of these multiples of 2**-24 is exact, otherwise sum in float64.
-        _update_gains(kernel, gains, upd, old, new, col, exact_in_float32=gain < 0.999)
+        if m == n and len(order) == 1 and kernel.metric == "euclidean":
+            # the first medoid changes every row (cur was 0 < s): sum_i min(s(i, c), new_i)
+            # over contiguous tiles, without gathering rows
+            gains -= kernel.column_sums(upper=new)
+        else:
+            _update_gains(kernel, gains, upd, old, new, col, exact_in_float32=gain < 0.999)
         cur[upd] = new
         assign[upd] = j
     return order, assign
