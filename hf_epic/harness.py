@@ -73,7 +73,9 @@ class HarnessConfig:
         train_size: keep only the first ``train_size`` training rows (None: all).
         test_size: keep only the first ``test_size`` test rows (None: all).
         epochs: training epochs per cell.
-        batch_size: per-device batch size.
+        batch_size: per-device batch size. The last incomplete batch of every epoch is dropped (the
+            rows differ from epoch to epoch): once EPIC shrinks the set, a last batch of a single row
+            would make BatchNorm models fail.
         optimizer: ``"sgd"`` (momentum 0.9, Nesterov; the poisoning literature's victim training, as the
             attacks' surrogate) or ``"adamw"``; both with a cosine learning-rate decay.
         learning_rate: peak learning rate.
@@ -782,6 +784,8 @@ def run_cell(
         remove_unused_columns=False,
         dataloader_num_workers=config.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # EPIC shrinks the set mid-training; a last batch of one row would break BatchNorm
+        dataloader_drop_last=True,
         seed=seed,
         epic_enabled=defense != "none",
         epic_fraction=fraction,

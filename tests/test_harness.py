@@ -140,7 +140,9 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
     first = run_benchmark(config, trials=[0], attacks=["badnets"], defenses=["none"], output_dir=out)
     assert [r["defense"] for r in first] == ["none"]
     none = first[0]
-    assert none["attack_kind"] == "backdoor" and none["num_poisons"] == 4  # 2% of 200 rows
+    spec = json.loads((out / "poisons" / "badnets" / "trial_000" / "poison_spec.json").read_text())
+    assert none["attack_kind"] == "backdoor" and none["poison_class"] == spec["poison_class"]
+    assert none["num_poisons"] == len(spec["poison_indices"]) == round(spec["budget"] * 200) > 0
     assert none["num_dropped"] == 0 and none["poisons_dropped"] == 0
     assert 0.0 <= none["clean_accuracy"] <= 1.0 and none["num_evaluated"] > 0
     # an interrupt in the middle of writing leaves a torn line; it must not cost the finished cell
