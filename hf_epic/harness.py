@@ -382,7 +382,7 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
 
 
 def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Draw ASR and clean accuracy per attack, one bar per defense, and save a PNG."""
+    """Draw ASR, clean accuracy and poison recall per attack, one bar per defense, and save a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,10 +392,11 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     defenses = list(dict.fromkeys(r["defense"] for r in rows))
     lookup = {(r["attack"], r["defense"]): r for r in rows}
     width = 0.8 / max(len(defenses), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(attacks) * 2), 4), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.2 * len(attacks) * 3), 4), squeeze=False)
     for ax, metric, title in (
         (axes[0][0], "attack_success_rate", "attack success rate (%)"),
         (axes[0][1], "clean_accuracy", "clean accuracy (%)"),
+        (axes[0][2], "poison_recall", "poisons dropped (% of poisons)"),
     ):
         for j, defense in enumerate(defenses):
             xs, ys = [], []

@@ -3,7 +3,7 @@
 Every (trial, attack, defense) cell trains one model and appends its record to
 ``<output_dir>/results.jsonl`` as soon as it finishes; rerunning the same command skips the finished
 cells, so an interrupted run loses at most the cell in progress. At the end ``results.md`` (table),
-``results.json`` (summary + every record + settings) and ``results.png`` (ASR and clean accuracy per
+``results.json`` (summary + every record + settings) and ``results.png`` (ASR, clean accuracy and poisons dropped per
 attack and defense) are written. The library behind it is :mod:`hf_epic.harness`.
 
 Defenses: none, epic-0.1, epic-0.2, epic-0.3, and at EPIC-0.2's drop counts (same rounds, same rows
