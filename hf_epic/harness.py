@@ -51,6 +51,7 @@ __all__ = [
     "ResultStore",
     "cell_key",
     "load_benchmark_dataset",
+    "normalise_columns",
     "run_benchmark",
     "run_cell",
     "summarize",
@@ -206,8 +207,15 @@ class ResultStore:
 # data
 
 
-def _normalise_columns(ds: Any) -> Any:
-    """Rename a dataset's image and label columns to ``image`` and ``label`` (returns a new dataset)."""
+def normalise_columns(ds: Any) -> Any:
+    """Rename a dataset's first image and ClassLabel columns to ``image`` and ``label`` and keep only those.
+
+    Args:
+        ds: a ``datasets.Dataset`` (not modified).
+
+    Returns:
+        A new dataset with exactly the columns ``image`` and ``label``.
+    """
     import datasets
 
     features = ds.features
@@ -262,7 +270,7 @@ def load_benchmark_dataset(config: HarnessConfig) -> Any:
                 "'test' (or 'validation')."
             )
         dd = datasets.DatasetDict(
-            train=_normalise_columns(loaded["train"]), test=_normalise_columns(loaded[test_split])
+            train=normalise_columns(loaded["train"]), test=normalise_columns(loaded[test_split])
         )
     train, test = dd["train"], dd["test"]
     if config.train_size is not None:
