@@ -541,6 +541,7 @@ def _greedy_incremental(
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     taken = torch.zeros(n, dtype=torch.bool, device=dev) if generator is not None else None
     order: list[int] = []
+    matrix = kernel.matrix
     for _ in range(budget):
         if generator is None:
             j = int(torch.argmax(gains))
@@ -563,7 +564,12 @@ def _greedy_incremental(
         new = col[upd]
         # Every partial column sum is at most sum_i (new_i - old_i) = gain of j; below 1 a
         # float32 sum of these multiples of 2**-24 is exact, otherwise sum in float64.
-        if m == n and len(order) == 1 and kernel.metric == "euclidean":
+        if matrix is not None and m * n <= _SMALL_BLOCK and gain < 0.999:
+            # the common late step: a few rows, full width, float32 sums exact (see above)
+            piece = matrix.index_select(0, upd)
+            piece.sub_(old[:, None]).clamp_min_(0.0)
+            gains -= torch.minimum(piece, (new - old)[:, None], out=piece).sum(dim=0)
+        elif m == n and len(order) == 1 and kernel.metric == "euclidean":
             # the first medoid changes every row (cur was 0 < s): sum_i min(s(i, c), new_i)
             # over contiguous tiles, without gathering rows
             gains -= kernel.column_sums(upper=new)
