@@ -313,7 +313,8 @@ def plot_embedding_rounds(
         epoch = f", epoch {rnd['epoch']}" if rnd["epoch"] is not None else ""
         detail = f"{int(new.sum())} dropped"
         if rnd["is_poison"] is not None:
-            detail += f" ({int((new & poison).sum())} poisons)"
+            hit = int((new & poison).sum())
+            detail += f" ({hit} poison{'' if hit == 1 else 's'})"
         ax.set_title(f"round {rnd['round']}{epoch}\n{detail}", fontsize=10)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")

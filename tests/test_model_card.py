@@ -4,6 +4,7 @@ Trainer's card regeneration."""
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -221,3 +222,20 @@ def test_update_needs_an_epic_state(tmp_path: Path) -> None:
     trainer = _tiny_trainer(tmp_path)
     with pytest.raises(ValueError, match="needs a trainer that ran with EPIC"):
         update_model_card(trainer, tmp_path / "README.md")
+
+
+def test_example_card_in_model_cards_is_complete() -> None:
+    """The committed example card loads, carries the EPIC metadata and sections, and every
+    image it links to is committed beside it."""
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / "finetune_vit_digits"
+    card = ModelCard.load(folder / "README.md")
+    assert set(EPIC_TAGS) <= set(card.data.tags)
+    assert {r.metric_type for r in card.data.eval_results} >= {"accuracy", "attack_success_rate"}
+    for section in ("### What EPIC did", "### Evaluation", "### Plots", "### Citation"):
+        assert section in card.text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
+    assert len(links) == 3
+    for link in links:
+        assert (folder / link).is_file(), link
+    state = json.loads((folder / "epic_state.json").read_text())
+    assert f"dropped **{len(state['dropped'])} of {state['num_rows']}** training rows" in card.text
