@@ -350,3 +350,15 @@ def test_gradient_matching_ensemble(data, surrogate):
             member, images_to_tensor(poisoned, "image", spec.poison_indices), labels, target_grads
         )
         assert poison < clean
+
+
+def test_backdoor_classes_are_drawn_from_the_seed(data):
+    train, _ = data
+    _, first = craft_badnets(train, budget=0.01, seed=11)
+    _, again = craft_badnets(train, budget=0.01, seed=11)
+    assert first.poison_class == again.poison_class and first.poison_indices == again.poison_indices
+    assert {craft_badnets(train, budget=0.01, seed=s)[1].poison_class for s in range(6)} != {
+        first.poison_class
+    }
+    with pytest.raises(ValueError, match="source_class"):
+        craft_sleeper_agent(train, poison_class=4, source_class=4)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .common import load_training_set
+from .common import draw_classes, load_training_set
 from .spec import PoisonSpec, budget_count, build_poisoned_dataset, check_class, images_to_uint8
 from .trigger import check_trigger, make_patch_trigger, stamp
 
@@ -21,7 +21,7 @@ from .trigger import check_trigger, make_patch_trigger, stamp
 def craft_badnets(
     train_ds: Dataset,
     *,
-    poison_class: int,
+    poison_class: int | None = None,
     budget: float = 0.05,
     source_class: int | None = None,
     trigger: dict[str, Any] | None = None,
@@ -35,7 +35,7 @@ def craft_badnets(
 
     Args:
         train_ds: clean training set (image + label columns; not modified).
-        poison_class: the class triggered inputs should be classified as.
+        poison_class: the class triggered inputs should be classified as (None: drawn with ``seed``).
         budget: poisoned rows as a fraction of the training set, in (0, 1).
         source_class: take poison rows only from this class (None: from every other class).
         trigger: a trigger dict (see :func:`make_patch_trigger`); None makes one from ``patch_size``,
@@ -51,7 +51,7 @@ def craft_badnets(
         ``spec.trigger`` holds the trigger.
     """
     train = load_training_set(train_ds, image_column, label_column, budget, None)
-    poison_class = check_class("poison_class", poison_class, train.num_classes)
+    poison_class, _ = draw_classes(poison_class, -1, train.num_classes, seed)
     if source_class is not None:
         source_class = check_class("source_class", source_class, train.num_classes)
         if source_class == poison_class:

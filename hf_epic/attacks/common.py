@@ -140,6 +140,37 @@ def check_targets(
     return t_img, t_lab
 
 
+def draw_classes(
+    poison_class: int | None, source_class: int | None, num_classes: int, seed: int
+) -> tuple[int, int]:
+    """Check (or draw with ``seed``, when None) a poison class and a different source class.
+
+    Args:
+        poison_class: the poison class, or None to draw one.
+        source_class: the source class, None to draw one different from the poison class, or -1 when
+            the attack has none (returned as is).
+        num_classes: number of classes.
+        seed: seeds the draws.
+
+    Returns:
+        ``(poison_class, source_class)``.
+    """
+    rng = np.random.default_rng([int(seed), 7])
+    if poison_class is None:
+        poison_class = int(rng.integers(num_classes))
+    poison_class = check_class("poison_class", poison_class, num_classes)
+    if source_class == -1:
+        return poison_class, -1
+    if source_class is None:
+        source_class = int(rng.choice([c for c in range(num_classes) if c != poison_class]))
+    source_class = check_class("source_class", source_class, num_classes)
+    if source_class == poison_class:
+        raise ValueError(
+            f"source_class={source_class} equals poison_class; the backdoor sends source images to another class."
+        )
+    return poison_class, source_class
+
+
 def check_count(train: TrainingSet, budget: float, poison_class: int) -> int:
     """Number of poisons for ``budget``, checked against the size of the poison class."""
     from .spec import budget_count

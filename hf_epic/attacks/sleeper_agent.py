@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .common import check_count, get_surrogate, load_training_set
+from .common import check_count, draw_classes, get_surrogate, load_training_set
 from .gradient_matching import alignment_loss, match_gradients, parameter_gradients, select_poisons
-from .spec import PoisonSpec, build_poisoned_dataset, check_class, images_to_tensor, quantise_poisons
+from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, quantise_poisons
 from .surrogate import DEFAULT_NORMALIZATION, Normalization, build_default_surrogate, train_on_tensors
 from .trigger import check_trigger, make_patch_trigger, stamp
 
@@ -55,8 +55,8 @@ def _trigger_gradient(
 def craft_sleeper_agent(
     train_ds: Dataset,
     *,
-    poison_class: int,
-    source_class: int,
+    poison_class: int | None = None,
+    source_class: int | None = None,
     budget: float = 0.01,
     epsilon: float = 16 / 255,
     trigger: dict[str, Any] | None = None,
@@ -85,8 +85,10 @@ def craft_sleeper_agent(
 
     Args:
         train_ds: clean training set (image + label columns; not modified).
-        poison_class: class that patched source images should be classified as (the poisons' class).
-        source_class: class whose patched images the backdoor targets.
+        poison_class: class that patched source images should be classified as (the poisons' class);
+            None draws one with ``seed``.
+        source_class: class whose patched images the backdoor targets; None draws one (different from
+            the poison class) with ``seed``.
         budget: poisons as a fraction of the training set, in (0, 1).
         epsilon: l_inf bound in [0, 1] pixel units.
         trigger: a trigger dict (see :func:`make_patch_trigger`); None makes one from ``patch_size``,
@@ -119,12 +121,7 @@ def craft_sleeper_agent(
         ``(poisoned_ds, spec)``; ``spec.trigger`` holds the trigger with its ``source_class``.
     """
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
-    poison_class = check_class("poison_class", poison_class, train.num_classes)
-    source_class = check_class("source_class", source_class, train.num_classes)
-    if source_class == poison_class:
-        raise ValueError(
-            f"source_class={source_class} equals poison_class; the backdoor sends source images to another class."
-        )
+    poison_class, source_class = draw_classes(poison_class, source_class, train.num_classes, seed)
     if poison_selection not in ("random", "gradient_norm"):
         raise ValueError(f"poison_selection={poison_selection!r}: use 'random' or 'gradient_norm'.")
     if retrain_rounds < 0 or steps < retrain_rounds + 1 or restarts < 1:
