@@ -63,7 +63,9 @@ class ScriptArguments:
     image_size: int = field(
         default=32, metadata={"help": "Side of the model's square input (224 for ViT-B/16)."}
     )
-    num_channels: int = field(default=3, metadata={"help": "1 (grayscale) or 3 (RGB)."})
+    num_channels: int | None = field(
+        default=None, metadata={"help": "1 (grayscale) or 3 (RGB); default: as the data set's images."}
+    )
     max_train_rows: int | None = field(default=None, metadata={"help": "Use only this many training rows."})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use only this many test rows."})
     source_fraction: float = field(
@@ -146,7 +148,7 @@ def check_script_args(a: ScriptArguments) -> None:
         )
     if not 0.0 < a.poison_budget < 1.0:
         raise ValueError(f"--poison_budget {a.poison_budget} is a fraction of the rows; use e.g. 0.01.")
-    if a.num_channels not in (1, 3):
+    if a.num_channels is not None and a.num_channels not in (1, 3):
         raise ValueError(f"--num_channels {a.num_channels}: use 1 (grayscale) or 3 (RGB).")
     if a.image_size < 8:
         raise ValueError(f"--image_size {a.image_size} is too small; use 32 for digits, 224 for ViT-B/16.")
@@ -157,8 +159,9 @@ def check_script_args(a: ScriptArguments) -> None:
 
 
 def banner(title: str) -> None:
-    """Print a section banner, so the log reads like the recipe."""
-    print(f"\n{'=' * 24} {title} {'=' * max(2, 60 - len(title))}", flush=True)
+    """Print a section banner (main process only), so the log reads like the recipe."""
+    if is_main_process():
+        print(f"\n{'=' * 24} {title} {'=' * max(2, 60 - len(title))}", flush=True)
 
 
 def is_main_process() -> bool:
@@ -217,6 +220,8 @@ def load_data(a: ScriptArguments, seed: int) -> Any:
         train = train.shuffle(seed=seed).select(range(a.max_train_rows)).flatten_indices()
     if a.max_eval_rows is not None and a.max_eval_rows < len(test):
         test = test.shuffle(seed=seed).select(range(a.max_eval_rows)).flatten_indices()
+    if a.num_channels is None:  # the model and the attacks see the images as they are stored
+        a.num_channels = 1 if train[0]["image"].mode == "L" else 3
     return datasets.DatasetDict(train=train, test=test)
 
 
@@ -722,7 +727,12 @@ def save_and_push(
     if is_main_process():
         if spec is not None:
             spec.save(out / POISON_SPEC_FILE)
-        payload = {"script_args": asdict(a), "rows": rows, "argv": sys.argv[1:]}
+        payload = {
+            "script_args": asdict(a),
+            "rows": rows,
+            "argv": sys.argv[1:],
+            "world_size": training_args.world_size,
+        }
         (out / RESULTS_FILE).write_text(json.dumps(payload, indent=2, default=str))
     card_kwargs: dict[str, Any] = {"dataset": dataset_label, "tasks": "image-classification"}
     if finetuned_from:

@@ -69,7 +69,7 @@ SCRIPT_DEFAULTS = {
     "attack": "gradient_matching",
     "poison_budget": 0.02,
     "source_fraction": 0.5,
-    "backbone_epochs": 10,
+    "backbone_epochs": 20,
 }
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/transfer",

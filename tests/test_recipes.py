@@ -179,3 +179,26 @@ def test_finetune_recipe_caches_backbone_and_poisons(tmp_path: Path) -> None:
     rows = json.loads((out / "recipe_results.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["EPIC-0.2", "no defense"] and rows[1]["rows_dropped"] == 0
     assert re.search(r"\| no defense \| [0-9.]+ \| [0-9.]+ \| 0 of 200", second)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_backdoor_recipe_on_two_cpu_processes(tmp_path: Path) -> None:
+    """The cpu_2proc accelerate config really starts two processes, and the recipe completes."""
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    config = RECIPES / "accelerate_configs" / "cpu_2proc.yaml"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    launcher = [str(accelerate), "launch", "--config_file", str(config)]
+    env_backup = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        stdout = run_recipe("backdoor", out, *TINY, "--per_device_train_batch_size", "16", launcher=launcher)
+    finally:
+        if env_backup is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = env_backup
+    check_run(out, stdout, num_rows=200)
+    assert stdout.count(" training =") == 1  # banners come from the main process only
+    assert json.loads((out / "recipe_results.json").read_text())["world_size"] == 2
