@@ -25,6 +25,20 @@ logger = logging.getLogger(__name__)
 
 MODEL_TAGS = ["hf-epic", "epic", "data-poisoning-defense"]
 ORIGINAL_ROW_COLUMN = "epic_original_row"
+# Trainer internals EpicTrainer overrides to keep step counts right on a shrinking set (tested: 5.24).
+_TRAINER_HOOKS = ("_run_epoch", "set_initial_training_values", "_init_training_state", "_get_train_sampler")
+
+
+def _check_transformers_version() -> None:
+    missing = [name for name in _TRAINER_HOOKS if not callable(getattr(Trainer, name, None))]
+    if missing:
+        import transformers
+
+        raise ImportError(
+            f"EpicTrainer needs a transformers Trainer with {', '.join(missing)} (transformers "
+            f"{transformers.__version__} has none); upgrade with `pip install -U 'transformers>=5.24'`, "
+            "or use hf_epic.EpicCallback with a plain Trainer (see its docstring for what it cannot do)."
+        )
 
 
 class EpicTrainer(Trainer):
@@ -64,6 +78,7 @@ class EpicTrainer(Trainer):
         epic_callback: EpicCallback | None = None,
         **trainer_kwargs: Any,
     ) -> None:
+        _check_transformers_version()
         if args is None:
             args = EpicConfig(output_dir="trainer_output")
         if epic_callback is None:

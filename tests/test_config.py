@@ -223,3 +223,14 @@ def test_user_dataset_is_not_modified_by_a_rejected_or_successful_run(tmp_path):
     assert (raw._fingerprint, raw.format, raw.column_names) == before
     assert view.format == view_format and len(view) == 60
     assert torch.is_tensor(view[0]["pixel_values"])
+
+
+def test_epic_trainer_names_missing_trainer_internals(monkeypatch):
+    """An incompatible transformers (no ``Trainer._run_epoch``) is refused up front with the fix."""
+    import transformers
+
+    from hf_epic import epic_trainer
+
+    monkeypatch.delattr(transformers.Trainer, "_run_epoch")
+    with pytest.raises(ImportError, match=r"_run_epoch.*pip install -U"):
+        epic_trainer._check_transformers_version()
