@@ -555,13 +555,14 @@ def _greedy_incremental(
         order.append(j)
         gain = float(gains[j])
         gains[j] = -math.inf
-        col = kernel.column(j)
+        col = matrix[j] if matrix is not None else kernel.column(j)
         upd = (col > cur).nonzero().squeeze(1)
         m = upd.numel()
         if m == 0:
             continue
-        old = cur[upd]
-        new = col[upd]
+        # index_select / index_copy_ / index_fill_: less overhead than tensor indexing
+        old = cur.index_select(0, upd)
+        new = col.index_select(0, upd)
         # Every partial column sum is at most sum_i (new_i - old_i) = gain of j; below 1 a
         # float32 sum of these multiples of 2**-24 is exact, otherwise sum in float64.
         if matrix is not None and m * n <= _SMALL_BLOCK and gain < 0.999:
@@ -575,8 +576,8 @@ def _greedy_incremental(
             gains -= kernel.column_sums(upper=new)
         else:
             _update_gains(kernel, gains, upd, old, new, col, exact_in_float32=gain < 0.999)
-        cur[upd] = new
-        assign[upd] = j
+        cur.index_copy_(0, upd, new)
+        assign.index_fill_(0, upd, j)
     return order, assign
 
 
