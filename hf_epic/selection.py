@@ -243,14 +243,16 @@ def class_budget(fraction: float, n: int) -> int:
 _QUANTUM = 2.0**24
 
 
-def _tile_plan(n: int, budget_bytes: int, cuda: bool = False) -> tuple[int, bool]:
+def _tile_plan(n: int, budget_bytes: int, cuda: bool = False, wide: bool = False) -> tuple[int, bool]:
     """(rows per work tile, whether the dense n x n float32 kernel fits the budget).
 
     A float64 work tile of width n takes at most ~1/8 of the budget and at most 32 rows on
-    the CPU (so that it stays in cache) or 1024 rows on a GPU (fewer, larger launches).
+    the CPU (so that it stays in cache; 128 for wide embeddings, where the matrix product
+    dominates and prefers larger blocks) or 1024 rows on a GPU (fewer, larger launches).
     """
     per_row = 8 * max(n, 1)
-    tile_rows = int(max(1, min(1024 if cuda else 32, budget_bytes // (8 * per_row))))
+    cap = 1024 if cuda else (128 if wide else 32)
+    tile_rows = int(max(1, min(cap, budget_bytes // (8 * per_row))))
     return tile_rows, 4 * n * n + 4 * tile_rows * per_row <= budget_bytes
 
 
@@ -293,7 +295,9 @@ class _Kernel:
             self.sq = None
         self.x = x.to(self.work_dtype)
         self.xt = self.x.T.contiguous()
-        self.tile_rows, self.dense = _tile_plan(self.n, budget_bytes, x.device.type == "cuda")
+        self.tile_rows, self.dense = _tile_plan(
+            self.n, budget_bytes, x.device.type == "cuda", self.work_dtype == torch.float32
+        )
         self.matrix: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None  # plain column sums, when known
         if self.dense:
