@@ -309,3 +309,17 @@ def test_concurrent_classes_give_the_same_result():
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before
     assert torch.equal(one.medoids, two.medoids) and torch.equal(one.assignment, two.assignment)
+
+
+def test_wide_embeddings_lazy_equals_naive_and_kernel_is_right():
+    # D > 64 takes the float32 matrix-product path
+    g = torch.Generator().manual_seed(13)
+    x = torch.softmax(3.0 * torch.randn(200, 100, generator=g), dim=1)
+    labels = torch.zeros(200, dtype=torch.long)
+    lazy = find_isolated(x, labels, 0.2)
+    naive = find_isolated(x, labels, 0.2, greedy="naive")
+    assert torch.equal(lazy.medoids, naive.medoids)
+    s = similarity_kernel(x).double()
+    exact = torch.exp(-torch.cdist(x.double(), x.double()) / 100)
+    assert (s - exact).abs().max() < 1e-6
+    assert torch.equal(s, s.T)
