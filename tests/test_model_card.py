@@ -239,3 +239,34 @@ def test_example_card_in_model_cards_is_complete() -> None:
         assert (folder / link).is_file(), link
     state = json.loads((folder / "epic_state.json").read_text())
     assert f"dropped **{len(state['dropped'])} of {state['num_rows']}** training rows" in card.text
+
+
+def test_epic_trainer_card_keeps_the_epic_section_over_regeneration(tmp_path: Path) -> None:
+    """A real tiny EpicTrainer run: create_model_card twice (as push_to_hub regenerates it) leaves
+    exactly one EPIC section whose numbers are the run's, with the plots drawn."""
+    from conftest import make_config, small_digits, tiny_vit, with_pixels
+
+    from hf_epic import EpicTrainer
+
+    ds = small_digits(120, plant={3: 5, 40: 5, 77: 5})
+    args = make_config(tmp_path, num_train_epochs=2, epic_save_embeddings=True, epic_fraction=0.3)
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(ds))
+    trainer.train()
+    state = trainer.epic_state.to_dict()
+    readme = tmp_path / "README.md"
+    trainer.create_model_card(dataset="digits-planted")
+    first = readme.read_text()
+    trainer.create_model_card(dataset="digits-planted")
+    card = ModelCard.load(readme)
+    assert card.text.count(BLOCK_START) == 1 and readme.read_text() == first
+    assert set(EPIC_TAGS) <= set(card.data.tags)
+    assert f"dropped **{len(state['dropped'])} of 120** training rows" in card.text
+    last = state["rounds"][-1]
+    p, c = last["poisons_dropped_total"], last["clean_dropped_total"]
+    scored = (
+        f"**{p} poison{'' if p == 1 else 's'}** and **{c} clean row{'' if c == 1 else 's'}** were removed"
+    )
+    assert scored in card.text  # the planted rows carry is_poison, so the drops are scored
+    assert "| `epic_fraction` | 0.3 |" in card.text
+    for rel in ("epic_plots/epic_embeddings_pca.png", "epic_plots/epic_dropped_per_round.png"):
+        assert f"]({rel})" in card.text and (tmp_path / rel).is_file()
