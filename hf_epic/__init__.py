@@ -4,6 +4,9 @@ Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF im
 
     from hf_epic import EpicConfig, EpicTrainer, EpicCallback      # training
     from hf_epic import find_isolated, SelectionResult            # the selection engine
+    from hf_epic import render_model_card, make_epic_plots        # model cards and plots
+    from hf_epic import load_digits_dataset                       # offline data
+    from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks
 """
 
 from __future__ import annotations
@@ -22,15 +25,38 @@ _LAZY: dict[str, str] = {
     "EpicTrainer": "epic_trainer",
     "EpicState": "state",
     "compute_gradient_embeddings": "embeddings",
+    "KeptRowsSampler": "sampler",
+    "render_model_card": "model_card",
+    "update_model_card": "model_card",
+    "make_epic_plots": "plots",
+    "load_digits_dataset": "data",
 }
 
-__all__ = ["__version__", *sorted(_LAZY)]
+__all__ = [
+    "EpicCallback",
+    "EpicConfig",
+    "EpicState",
+    "EpicTrainer",
+    "KeptRowsSampler",
+    "SelectionResult",
+    "__version__",
+    "compute_gradient_embeddings",
+    "find_isolated",
+    "load_digits_dataset",
+    "make_epic_plots",
+    "render_model_card",
+    "update_model_card",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .data import load_digits_dataset
     from .embeddings import compute_gradient_embeddings
     from .epic_callback import EpicCallback
     from .epic_config import EpicConfig
     from .epic_trainer import EpicTrainer
+    from .model_card import render_model_card, update_model_card
+    from .plots import make_epic_plots
+    from .sampler import KeptRowsSampler
     from .selection import SelectionResult, find_isolated
     from .state import EpicState
 

@@ -1,0 +1,24 @@
+"""The package surface: the public names resolve, and the selection engine stays free of HF imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import hf_epic
+
+
+def test_public_names_resolve_and_match_the_lazy_map():
+    assert set(hf_epic.__all__) == set(hf_epic._LAZY) | {"__version__"}
+    for name in hf_epic.__all__:
+        assert getattr(hf_epic, name) is not None, name
+
+
+def test_selection_engine_imports_without_hugging_face_libraries():
+    code = (
+        "import sys, hf_epic.selection; "
+        "bad = [m for m in ('transformers', 'datasets', 'accelerate', 'evaluate', 'timm') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"hf_epic.selection pulled in: {out.stdout.strip()}"
