@@ -13,7 +13,10 @@ Defenses (``DEFENSES``):
 * ``epic-0.1`` / ``epic-0.2`` / ``epic-0.3`` - EPIC with that fraction;
 * ``random`` / ``high-loss`` / ``low-confidence`` - the baselines of :mod:`hf_epic.baselines`, dropping
   at the rounds and per-class counts recorded by the reference EPIC cell of the same trial and attack
-  (``HarnessConfig.baseline_reference``, EPIC-0.2 by default), which is run first when missing.
+  (``HarnessConfig.baseline_reference``, EPIC-0.2 by default), which is run first when missing;
+* ``clean-control`` - not a defense: undefended training on the CLEAN training set, scored on the same
+  targets / triggered images. Its "ASR" is how often the target (or a triggered image) lands in the
+  poison class without any poison - low-margin targets can, so read the attacks' ASR against it.
 
 :func:`summarize` aggregates the records per (attack, defense) and :func:`write_report` writes
 ``results.md``, ``results.json`` and ``results.png``. The command line is ``recipes/benchmark.py``.
@@ -40,7 +43,8 @@ import torch
 ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision", "sleeper_agent", "badnets")
 EPIC_DEFENSES = ("epic-0.1", "epic-0.2", "epic-0.3")
 BASELINE_DEFENSES = ("random", "high-loss", "low-confidence")
-DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES)
+CONTROL = "clean-control"
+DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES, CONTROL)
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "harness_config.json"
 
@@ -751,7 +755,8 @@ def run_cell(
         trial: trial number (seeds training).
         attack: attack name (recorded).
         defense: one of ``DEFENSES``.
-        poisoned: the poisoned training set (with ``is_poison``; not modified).
+        poisoned: the poisoned training set (with ``is_poison``; not modified); for ``clean-control``
+            the clean set with an all-False ``is_poison``.
         spec: its ``PoisonSpec``.
         test_ds: the clean test split.
         config: harness settings.
@@ -796,7 +801,7 @@ def run_cell(
         # EPIC shrinks the set mid-training; a last batch of one row would break BatchNorm
         dataloader_drop_last=True,
         seed=seed,
-        epic_enabled=defense != "none",
+        epic_enabled=defense not in ("none", CONTROL),
         epic_fraction=fraction,
         epic_interval=config.epic_interval,
         epic_start_epoch=config.epic_start,
@@ -959,6 +964,10 @@ def run_benchmark(
                 attack, trial, splits, config, out / "poisons", model=pretrained
             )
             for defense in missing:
+                train_set = poisoned
+                if defense == CONTROL:  # the same training, without the poisons
+                    clean = splits["train"]
+                    train_set = clean.add_column("is_poison", [False] * len(clean))
                 schedule = None
                 if defense in BASELINE_DEFENSES:
                     ref = store.get(cell_key(trial, attack, reference))
@@ -971,7 +980,7 @@ def run_benchmark(
                     trial,
                     attack,
                     defense,
-                    poisoned,
+                    train_set,
                     spec,
                     splits["test"],
                     config,

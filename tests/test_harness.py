@@ -152,14 +152,23 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
 
     # 2) the rerun asks for more: only the missing cell trains, the finished one is kept as it was
     records = run_benchmark(
-        config, trials=[0], attacks=["badnets"], defenses=["none", "epic-0.2"], output_dir=out
+        config,
+        trials=[0],
+        attacks=["badnets"],
+        defenses=["none", "epic-0.2", "clean-control"],
+        output_dir=out,
     )
     log = capsys.readouterr().out
     assert "skip   trial=0 attack=badnets defense=none" in log
     assert "done   trial=0 attack=badnets defense=epic-0.2" in log
     assert "defense=none:" not in log
     by_defense = {r["defense"]: r for r in records}
-    assert set(by_defense) == {"none", "epic-0.2"}
+    assert set(by_defense) == {"none", "epic-0.2", "clean-control"}
+    control = by_defense["clean-control"]  # trained without poisons, scored on the same triggered images
+    assert control["num_poisons"] == 0 and control["num_dropped"] == 0
+    assert (
+        control["num_evaluated"] == none["num_evaluated"] and control["poison_class"] == none["poison_class"]
+    )
     assert by_defense["none"] == none
     epic = by_defense["epic-0.2"]
     assert epic["num_dropped"] > 0 and len(epic["rounds_per_class"]) == 1 and epic["round_epochs"] == [1]
@@ -245,20 +254,25 @@ def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(t
 def test_backdoors_get_seeded_distinct_poison_and_source_classes():
     import inspect
 
-    from hf_epic.harness import _attack_function, _draw_classes
+    from hf_epic.harness import _draw_classes
 
-    sleeper = inspect.signature(_attack_function("sleeper_agent")).parameters
+    def needs_both(train_ds, *, poison_class, source_class, seed=0):
+        """An attack signature that requires both classes."""
+
+    def picks_its_own(train_ds, *, poison_class=None, seed=0):
+        """An attack signature that chooses its class itself."""
+
+    required = inspect.signature(needs_both).parameters
     for seed in range(20):
-        drawn = _draw_classes(sleeper, {"seed": seed}, 10)
+        drawn = _draw_classes(required, {"seed": seed}, 10)
         assert set(drawn) == {"poison_class", "source_class"}
         assert drawn["poison_class"] != drawn["source_class"]
-        assert drawn == _draw_classes(sleeper, {"seed": seed}, 10)
+        assert drawn == _draw_classes(required, {"seed": seed}, 10)
     # a class the user gave is kept, and the source class avoids it
     assert all(
-        _draw_classes(sleeper, {"seed": s, "poison_class": 4}, 10)["source_class"] != 4 for s in range(20)
+        _draw_classes(required, {"seed": s, "poison_class": 4}, 10)["source_class"] != 4 for s in range(20)
     )
-    gradient_matching = inspect.signature(_attack_function("gradient_matching")).parameters
-    assert _draw_classes(gradient_matching, {"seed": 0}, 10) == {}  # it picks its own from the target
+    assert _draw_classes(inspect.signature(picks_its_own).parameters, {"seed": 0}, 10) == {}
 
 
 def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_features(tmp_path):
