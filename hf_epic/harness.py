@@ -422,8 +422,9 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         ax.set_xticklabels(attacks, rotation=20, ha="right")
         ax.set_ylim(0, 100)
         ax.set_title(title)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(defenses), 1), fontsize="small")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
