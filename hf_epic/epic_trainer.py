@@ -181,7 +181,15 @@ class EpicTrainer(Trainer):
         if dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return self.epic_callback.make_sampler(len(dataset), seed)
+        sampler = self.epic_callback.make_sampler(len(dataset), seed)
+        # One process without drop_last: a kept count of k * batch + 1 would give BatchNorm a one-row
+        # batch mid-run (with several processes accelerate pads the last batch instead).
+        has_batch_norm = any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        )
+        guard = has_batch_norm and self.args.world_size == 1 and not self.args.dataloader_drop_last
+        sampler.batch_size = self.args.per_device_train_batch_size if guard else None
+        return sampler
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: Any):
         """As in ``Trainer``, but with ``max_steps`` set, allow as many epochs as the shrinking set needs."""

@@ -22,12 +22,24 @@ class KeptRowsSampler(Sampler[int]):
         seed: Base seed of the shuffling.
         kept: Row positions to iterate (default: all rows).
         shuffle: If False, iterate the kept rows in increasing order.
+        batch_size: When set (> 1) and the kept rows would end the epoch with a batch of exactly one
+            row, the last row of the epoch's order is left out of that epoch (a different row each
+            epoch when shuffling). BatchNorm cannot train on a one-row batch, and EPIC's shrinking set
+            can create one in the middle of a run; ``EpicTrainer`` sets this for such models.
     """
 
-    def __init__(self, num_rows: int, seed: int = 0, kept: Iterable[int] | None = None, shuffle: bool = True):
+    def __init__(
+        self,
+        num_rows: int,
+        seed: int = 0,
+        kept: Iterable[int] | None = None,
+        shuffle: bool = True,
+        batch_size: int | None = None,
+    ):
         self.num_rows = int(num_rows)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.batch_size = batch_size
         self.epoch = 0
         self.kept = torch.arange(self.num_rows, dtype=torch.long)
         if kept is not None:
@@ -45,13 +57,17 @@ class KeptRowsSampler(Sampler[int]):
             raise ValueError(f"kept row positions must lie in [0, {self.num_rows}).")
         self.kept = rows
 
+    def _drops_last_row(self) -> bool:
+        n = int(self.kept.numel())
+        return self.batch_size is not None and self.batch_size > 1 and n > 1 and n % self.batch_size == 1
+
     def __len__(self) -> int:
-        return int(self.kept.numel())
+        return int(self.kept.numel()) - int(self._drops_last_row())
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(self.kept.tolist())
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self), generator=generator)
-        return iter(self.kept[order].tolist())
+        rows = self.kept
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            rows = rows[torch.randperm(rows.numel(), generator=generator)]
+        return iter(rows[: len(self)].tolist())
