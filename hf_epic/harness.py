@@ -227,16 +227,18 @@ def normalise_columns(ds: Any) -> Any:
         images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
         if not images:
             raise ValueError(
-                f"No image column in {sorted(features)}: the harness needs a datasets.Image column "
-                "(named 'image', or any name of that feature type)."
+                f"No image column in {sorted(features)}: hf-epic needs a datasets.Image column "
+                "(named 'image', or any name of that feature type); cast yours with "
+                "ds.cast_column(name, datasets.Image())."
             )
         ds = ds.rename_column(images[0], "image")
     if "label" not in features:
         labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
         if not labels:
             raise ValueError(
-                f"No label column in {sorted(features)}: the harness needs a ClassLabel column "
-                "(named 'label', or any name of that feature type)."
+                f"No label column in {sorted(features)}: hf-epic needs a ClassLabel column "
+                "(named 'label', or any name of that feature type); cast yours with "
+                "ds.cast_column(name, datasets.ClassLabel(num_classes=...))."
             )
         ds = ds.rename_column(labels[0], "label")
     return ds.select_columns(["image", "label"])

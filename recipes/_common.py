@@ -21,6 +21,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_epic import EpicConfig, EpicTrainer
+from hf_epic.harness import normalise_columns
 from hf_epic.models import build_tiny_cnn, build_tiny_timm, build_tiny_vit, image_transform
 
 BACKBONE_DIR = "_backbone"  # under output_dir; names starting with "_" are not pushed to the Hub
@@ -172,26 +173,6 @@ def is_main_process() -> bool:
 # ------------------------------------------------------------------------------------------ data
 
 
-def _normalise_columns(ds: Any) -> Any:
-    """Rename a Hub dataset's image/label columns to ``image``/``label`` (returns a new dataset)."""
-    import datasets
-
-    features = ds.features
-    if "image" not in features:
-        images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
-        if not images:
-            raise ValueError(
-                f"No image column in {sorted(features)}: the recipes need a datasets.Image column."
-            )
-        ds = ds.rename_column(images[0], "image")
-    if "label" not in features:
-        labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
-        if not labels:
-            raise ValueError(f"No label column in {sorted(features)}: the recipes need a ClassLabel column.")
-        ds = ds.rename_column(labels[0], "label")
-    return ds.select_columns(["image", "label"])
-
-
 def load_data(a: ScriptArguments, seed: int) -> Any:
     """Train and test splits with ``image`` and ``label`` columns.
 
@@ -213,7 +194,7 @@ def load_data(a: ScriptArguments, seed: int) -> Any:
                 f"{a.dataset_name} has splits {sorted(loaded)}; the recipes need train and test."
             )
         dd = datasets.DatasetDict(
-            train=_normalise_columns(loaded["train"]), test=_normalise_columns(loaded[test_split])
+            train=normalise_columns(loaded["train"]), test=normalise_columns(loaded[test_split])
         )
     train, test = dd["train"], dd["test"]
     if a.max_train_rows is not None and a.max_train_rows < len(train):
