@@ -17,15 +17,6 @@ from hf_epic.baselines import (
 from hf_epic.state import EpicState
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waiting makes training far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _logit_grads(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """EPIC's embedding softmax - onehot from given probabilities."""
     return probs - torch.nn.functional.one_hot(labels, probs.shape[1]).float()

@@ -20,15 +20,6 @@ from hf_epic.harness import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: on a shared, oversubscribed CPU, OpenMP spin-waiting makes training far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _record(trial, attack, defense, success, evaluated, accuracy, **extra):
     record = {
         "key": cell_key(trial, attack, defense),
