@@ -546,6 +546,8 @@ def _greedy_incremental(
     taken = torch.zeros(n, dtype=torch.bool, device=dev) if generator is not None else None
     order: list[int] = []
     matrix = kernel.matrix
+    if generator is None and matrix is not None and dev.type == "cpu":
+        return _greedy_dense_cpu(kernel, budget, gains, cur, assign), assign
     for _ in range(budget):
         if generator is None:
             j = int(torch.argmax(gains))
@@ -583,6 +585,50 @@ def _greedy_incremental(
         cur.index_copy_(0, upd, new)
         assign.index_fill_(0, upd, j)
     return order, assign
+
+
+def _greedy_dense_cpu(
+    kernel: _Kernel, budget: int, gains: torch.Tensor, cur: torch.Tensor, assign: torch.Tensor
+) -> list[int]:
+    """The exact steps of :func:`_greedy_incremental` for a dense kernel on the CPU.
+
+    Identical arithmetic, but the many small late steps (a few updated rows each) go through
+    numpy views of the same buffers: a numpy call costs about a microsecond, a torch call
+    several, and a class of 5,000 rows at fraction 0.3 takes 1,500 such steps. Large steps
+    still use the torch paths. ``gains``, ``cur`` and ``assign`` are updated in place.
+    """
+    n = kernel.n
+    matrix = kernel.matrix
+    assert matrix is not None
+    g, c, a, s = gains.numpy(), cur.numpy(), assign.numpy(), matrix.numpy()
+    order: list[int] = []
+    for _ in range(budget):
+        j = int(g.argmax())  # first maximum: ties to the lowest row, as torch.argmax
+        order.append(j)
+        gain = float(g[j])
+        g[j] = -math.inf
+        col = s[j]  # the kernel is exactly symmetric: row j is s(., j)
+        upd = np.flatnonzero(col > c)
+        m = int(upd.size)
+        if m == 0:
+            continue
+        old = c[upd]
+        new = col[upd]
+        if m * n <= _SMALL_BLOCK and gain < 0.999:
+            # float32 sums are exact here (see _greedy_incremental)
+            piece = s[upd]
+            piece -= old[:, None]
+            np.maximum(piece, 0.0, out=piece)
+            np.minimum(piece, (new - old)[:, None], out=piece)
+            g -= piece.sum(axis=0)
+        elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+            gains -= kernel.column_sums(upper=torch.from_numpy(new))
+        else:
+            rows, old_t, new_t = torch.from_numpy(upd), torch.from_numpy(old), torch.from_numpy(new)
+            _update_gains(kernel, gains, rows, old_t, new_t, matrix[j], exact_in_float32=gain < 0.999)
+        c[upd] = new
+        a[upd] = j
+    return order
 
 
 @contextlib.contextmanager
