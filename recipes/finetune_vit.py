@@ -67,17 +67,23 @@ from _common import (  # noqa: E402
     undefended_args,
 )
 
+# Measured on 2 CPU cores (one torch thread): the whole default with --compare_undefended takes
+# well under a minute; 100 backbone epochs lift clean accuracy from ~0.53 to ~0.9, and ten targets
+# with a larger budget and 4 restarts make the attack's success a rate instead of all-or-nothing.
 SCRIPT_DEFAULTS = {
     "digits_variant": "plain",
     "image_size": 16,
     "attack": "gradient_matching",
-    "poison_budget": 0.02,
+    "poison_budget": 0.08,
+    "num_targets": 10,
+    "attack_steps": 250,
+    "attack_restarts": 4,
     "source_fraction": 0.5,
-    "backbone_epochs": 20,
+    "backbone_epochs": 100,
 }
 TRAINING_DEFAULTS = {
     "output_dir": "outputs/finetune_vit",
-    "num_train_epochs": 8,
+    "num_train_epochs": 20,
     "learning_rate": 1e-3,
     "weight_decay": 0.05,
     "warmup_steps": 0.05,
@@ -90,8 +96,9 @@ TRAINING_DEFAULTS = {
     "report_to": "none",
     "remove_unused_columns": False,
     "disable_tqdm": True,
-    "epic_fraction": 0.2,
-    "epic_start_epoch": 2,
+    # the EPIC paper's fine-tuning setting: subset fraction 0.6, from epoch 5, every epoch
+    "epic_fraction": 0.6,
+    "epic_start_epoch": 5,
     "epic_interval": 1,
 }
 
