@@ -752,3 +752,16 @@ class Timer:
 
     def __call__(self) -> float:
         return time.time() - self.start
+
+
+def shutdown_distributed() -> None:
+    """Wait for every process, then tear the process group down before the interpreter exits.
+
+    Left to interpreter exit, gloo's teardown can abort a process ("terminate called without an
+    active exception") after the work is done, which fails the launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -71,6 +71,7 @@ from _common import (  # noqa: E402
     print_table,
     reset_head,
     save_and_push,
+    shutdown_distributed,
     summary_row,
     undefended_args,
 )
@@ -178,3 +179,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     poisoned_training_set,
     print_table,
     save_and_push,
+    shutdown_distributed,
     summary_row,
     undefended_args,
 )
@@ -129,3 +130,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

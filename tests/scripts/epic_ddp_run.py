@@ -11,6 +11,8 @@ import json
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from conftest import RecordingCollator, make_config, small_digits, tiny_vit, with_pixels  # noqa: E402
@@ -58,6 +60,10 @@ def main() -> None:
     }
     with open(os.path.join(options.output_dir, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
+    # tear gloo down before exit: left to interpreter exit it can abort a finished process
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
