@@ -33,6 +33,20 @@ BACKDOOR_ATTACKS = ("sleeper_agent", "badnets")
 FEATURE_ATTACKS = ("bullseye_polytope", "feature_collision")  # need only the backbone's features
 
 
+# TrainingArguments every recipe shares (each recipe adds its schedule and EPIC settings)
+COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "eval_strategy": "no",
+    "save_strategy": "no",
+    "logging_strategy": "epoch",
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "disable_tqdm": True,
+}
+
+
 @dataclass
 class ScriptArguments:
     """Recipe settings beside the training ones (those are ``EpicConfig``: every

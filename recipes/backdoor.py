@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     BACKDOOR_ATTACKS,
+    COMMON_TRAINING_DEFAULTS,
     Timer,
     banner,
     build_model,
@@ -74,20 +75,12 @@ SCRIPT_DEFAULTS = {
     "poison_budget": 0.05,
 }
 TRAINING_DEFAULTS = {
+    **COMMON_TRAINING_DEFAULTS,
     "output_dir": "outputs/backdoor",
     "num_train_epochs": 40,
     "learning_rate": 3e-3,
     "weight_decay": 0.05,
     "warmup_steps": 0.05,
-    "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 256,
-    "eval_strategy": "no",
-    "save_strategy": "no",
-    "logging_strategy": "epoch",
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "disable_tqdm": True,
     "epic_fraction": 0.2,
     "epic_start_epoch": 2,
     "epic_interval": 2,

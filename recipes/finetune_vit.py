@@ -55,6 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    COMMON_TRAINING_DEFAULTS,
     FEATURE_ATTACKS,
     Timer,
     backbone_and_task_split,
@@ -91,20 +92,12 @@ SCRIPT_DEFAULTS = {
     "backbone_epochs": 100,
 }
 TRAINING_DEFAULTS = {
+    **COMMON_TRAINING_DEFAULTS,
     "output_dir": "outputs/finetune_vit",
     "num_train_epochs": 20,
     "learning_rate": 1e-3,
     "weight_decay": 0.05,
     "warmup_steps": 0.05,
-    "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 256,
-    "eval_strategy": "no",
-    "save_strategy": "no",
-    "logging_strategy": "epoch",
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "disable_tqdm": True,
     # the EPIC paper's fine-tuning setting: subset fraction 0.6, from epoch 5, every epoch
     "epic_fraction": 0.6,
     "epic_start_epoch": 5,

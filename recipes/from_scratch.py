@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    COMMON_TRAINING_DEFAULTS,
     Timer,
     banner,
     build_model,
@@ -59,20 +60,12 @@ from _common import (  # noqa: E402
 
 SCRIPT_DEFAULTS = {"digits_variant": "plain", "image_size": 16, "attack": "gradient_matching"}
 TRAINING_DEFAULTS = {
+    **COMMON_TRAINING_DEFAULTS,
     "output_dir": "outputs/from_scratch",
     "num_train_epochs": 12,
     "learning_rate": 3e-3,
     "weight_decay": 0.05,
     "warmup_steps": 0.05,
-    "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 256,
-    "eval_strategy": "no",
-    "save_strategy": "no",
-    "logging_strategy": "epoch",
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "disable_tqdm": True,
     "epic_fraction": 0.2,
     "epic_start_epoch": 4,
     "epic_interval": 2,

@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    COMMON_TRAINING_DEFAULTS,
     FEATURE_ATTACKS,
     Timer,
     backbone_and_task_split,
@@ -73,19 +74,11 @@ SCRIPT_DEFAULTS = {
     "backbone_epochs": 20,
 }
 TRAINING_DEFAULTS = {
+    **COMMON_TRAINING_DEFAULTS,
     "output_dir": "outputs/transfer",
     "num_train_epochs": 10,
     "learning_rate": 1e-2,
     "weight_decay": 0.0,
-    "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 64,
-    "per_device_eval_batch_size": 256,
-    "eval_strategy": "no",
-    "save_strategy": "no",
-    "logging_strategy": "epoch",
-    "report_to": "none",
-    "remove_unused_columns": False,
-    "disable_tqdm": True,
     # the reference's transfer setting: EPIC-0.2 every epoch from the first, early rounds only
     "epic_fraction": 0.2,
     "epic_start_epoch": 1,
