@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -23,7 +24,7 @@ from hf_epic.attacks import (
     stamp,
     train_surrogate,
 )
-from hf_epic.attacks.feature_space import feature_loss
+from hf_epic.attacks.feature_space import craft_feature_space_attack, feature_loss
 from hf_epic.attacks.gradient_matching import alignment_loss, parameter_gradients
 from hf_epic.attacks.spec import images_to_tensor, images_to_uint8, quantise_poisons
 from hf_epic.attacks.surrogate import features_of
@@ -174,6 +175,26 @@ def test_feature_space_attacks(data, surrogate, craft, objective):
     assert spec.params["feature_loss_final"] == pytest.approx(float(after), rel=1e-3)
     # the surrogate must not have been left frozen
     assert all(p.requires_grad for p in surrogate.parameters())
+
+
+def test_feature_space_aliases_are_the_one_function_with_the_objective_fixed(data, surrogate):
+    train, test = data
+    full = inspect.signature(craft_feature_space_attack).parameters
+    for craft in (craft_bullseye_polytope, craft_feature_collision):
+        params = inspect.signature(craft).parameters
+        assert "objective" not in params and list(params) == [p for p in full if p != "objective"]
+        assert all(params[k].default == full[k].default for k in params)
+    kwargs = dict(
+        target_ds=test, budget=0.01, epsilon=8 / 255, model=surrogate, steps=5, progress=False, seed=1
+    )
+    via_alias, spec_alias = craft_feature_collision(train, **kwargs)
+    direct, spec_direct = craft_feature_space_attack(train, objective="collision", **kwargs)
+    assert spec_alias.to_dict() == spec_direct.to_dict() and spec_alias.attack == "feature_collision"
+    assert via_alias["image"][spec_alias.poison_indices[0]] == direct["image"][spec_direct.poison_indices[0]]
+    with pytest.raises(ValueError, match="objective"):
+        craft_feature_space_attack(
+            train, objective="bullseye", target_ds=test, model=surrogate, progress=False
+        )
 
 
 def test_sleeper_agent(data, surrogate):

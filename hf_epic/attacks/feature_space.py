@@ -8,6 +8,7 @@ from them then places the target among the poisons, i.e. in the poison class.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -17,9 +18,10 @@ from tqdm.auto import tqdm
 
 from .common import check_count, check_targets, freeze, get_surrogate, load_training_set, unfreeze
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
-from .surrogate import Normalization, choose_targets, features_of, predict
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, features_of, predict
 
-OBJECTIVES = ("polytope", "collision")
+OBJECTIVES = {"polytope": "bullseye_polytope", "collision": "feature_collision"}
+"""Objective -> the attack name recorded in ``PoisonSpec.attack``."""
 SETTINGS = ("transfer", "finetune")
 
 
@@ -62,36 +64,79 @@ def nearest_rows(
     return sorted(int(candidates[i]) for i in order)
 
 
-def craft_feature_attack(
-    attack: str,
-    objective: str,
+def craft_feature_space_attack(
     train_ds: Dataset,
     *,
+    objective: str,
     target_ds: Dataset,
-    target_indices: list[int] | None,
-    poison_class: int | None,
-    num_targets: int,
-    target_selection: str,
-    budget: float,
-    epsilon: float,
-    model: torch.nn.Module | None,
-    surrogate_epochs: int | None,
-    setting: str,
-    steps: int,
-    step_size: float,
-    poison_selection: str,
-    batch_size: int,
-    image_column: str | None,
-    label_column: str | None,
-    target_image_column: str | None,
-    device: str | torch.device | None,
-    normalization: Normalization,
-    progress: bool,
-    seed: int,
+    target_indices: list[int] | None = None,
+    poison_class: int | None = None,
+    num_targets: int = 1,
+    target_selection: str = "low_margin",
+    budget: float = 0.01,
+    epsilon: float = 16 / 255,
+    model: torch.nn.Module | None = None,
+    surrogate_epochs: int | None = None,
+    setting: str = "transfer",
+    steps: int = 300,
+    step_size: float = 0.05,
+    poison_selection: str = "nearest",
+    batch_size: int = 256,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    target_image_column: str | None = None,
+    device: str | torch.device | None = None,
+    normalization: Normalization = DEFAULT_NORMALIZATION,
+    progress: bool = True,
+    seed: int = 0,
 ) -> tuple[Dataset, PoisonSpec]:
-    """Common body of :func:`craft_bullseye_polytope` and :func:`craft_feature_collision` (same args)."""
+    """Craft a feature-space poisoned training set (Bullseye Polytope or Feature Collision).
+
+    Poison-class rows are perturbed within the l_inf ball so that the extractor's penultimate
+    features move onto the target's; :func:`feature_loss` gives the two objectives.
+    ``craft_bullseye_polytope`` and ``craft_feature_collision`` are this function with the
+    objective fixed.
+
+    Args:
+        train_ds: clean training set (image + label columns; not modified).
+        objective: ``"polytope"`` (Bullseye Polytope: the poisons' mean feature on the target;
+            spec.attack ``"bullseye_polytope"``) or ``"collision"`` (Feature Collision: every poison's
+            feature on the target; spec.attack ``"feature_collision"``).
+        target_ds: dataset holding the target images (usually the test split).
+        target_indices: target rows of ``target_ds`` (one class); None chooses ``num_targets`` with the
+            surrogate according to ``target_selection``.
+        poison_class: class the targets should be classified as; None: the first target's runner-up.
+        num_targets: number of targets when they are chosen here (their mean feature is the aim).
+        target_selection: ``"low_margin"`` or ``"random"``.
+        budget: poisons as a fraction of the training set, in (0, 1).
+        epsilon: l_inf bound in [0, 1] pixel units.
+        model: the pretrained feature extractor / classifier whose penultimate features are attacked
+            (pass the same model the victim starts from); None trains the default tiny ResNet on
+            ``train_ds``.
+        surrogate_epochs: epochs of clean training (None: 12 for the default model, 0 for a given one).
+        setting: ``"transfer"`` (the victim retrains only the head on frozen features) or
+            ``"finetune"`` (the victim fine-tunes the whole model); recorded in the spec for the
+            evaluation, the crafting is the same.
+        steps: Adam steps (cosine-decayed).
+        step_size: initial Adam learning rate as a fraction of ``epsilon``.
+        poison_selection: ``"nearest"`` (poison-class rows whose features are closest to the target)
+            or ``"random"``.
+        batch_size: images per forward pass.
+        image_column: image column of ``train_ds`` (None: auto-detect).
+        label_column: label column of ``train_ds`` (None: auto-detect).
+        target_image_column: image column of ``target_ds`` (None: auto-detect).
+        device: where to craft (None: CUDA if available).
+        normalization: input ``(mean, std)`` of the model.
+        progress: show tqdm bars.
+        seed: seeds every random choice.
+
+    Returns:
+        ``(poisoned_ds, spec)``; ``spec.params`` holds ``feature_loss_initial``/``feature_loss_final``
+        (relative squared feature distance before and after, the latter on the stored uint8 poisons).
+    """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: use one of {OBJECTIVES}.")
+        raise ValueError(f"objective={objective!r}: use one of {tuple(OBJECTIVES)}.")
+    attack = OBJECTIVES[objective]
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
     if setting not in SETTINGS:
@@ -216,3 +261,13 @@ def craft_feature_attack(
         params=params,
     )
     return poisoned, spec
+
+
+def alias_signature() -> inspect.Signature:
+    """Signature of :func:`craft_feature_space_attack` without ``objective`` (the aliases' signature).
+
+    The aliases take ``**kwargs``; giving them this signature keeps ``inspect.signature`` (which the
+    harness and recipes use to pass only the arguments an attack takes) and ``help()`` accurate.
+    """
+    sig = inspect.signature(craft_feature_space_attack)
+    return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "objective"])
