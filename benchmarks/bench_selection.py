@@ -208,6 +208,7 @@ def run_case(
     repeats: int,
     device: str,
     isolated: torch.Tensor | None = None,
+    greedy: str = "lazy",
 ) -> list[dict[str, Any]]:
     """Reference vs ours on one embedding matrix for each fraction; prints one line per fraction."""
     rows = []
@@ -216,7 +217,13 @@ def run_case(
     emb_dev = emb.to(device)
     lab_dev = labels.to(device)
     for fraction in fractions:
-        row: dict[str, Any] = {"case": name, "rows": len(labels), "dim": emb.shape[1], "fraction": fraction}
+        row: dict[str, Any] = {
+            "case": name,
+            "rows": len(labels),
+            "dim": emb.shape[1],
+            "fraction": fraction,
+            "greedy": greedy,
+        }
         ref = None
         if reference:
             ref, row["ref_wall_s"], row["ref_cpu_s"], row["ref_peak_mib"] = measure(
@@ -226,7 +233,7 @@ def run_case(
         for _ in range(repeats):
 
             def ours(f: float = fraction) -> Any:
-                res = find_isolated(emb_dev, lab_dev, f)
+                res = find_isolated(emb_dev, lab_dev, f, greedy=greedy)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 return res
@@ -237,7 +244,7 @@ def run_case(
         res, row["ours_wall_s"], row["ours_cpu_s"], row["ours_peak_mib"] = best
         row["num_dropped"] = int(res.dropped.numel())
         line = (
-            f"{name:9s} N={len(labels):>7,d} D={emb.shape[1]:>3d} fraction={fraction:.1f}  "
+            f"{name:9s} N={len(labels):>7,d} D={emb.shape[1]:>3d} fraction={fraction:.1f} {greedy}  "
             f"ours {row['ours_wall_s']:7.2f}s wall {row['ours_cpu_s']:7.2f}s cpu "
             f"peak +{row['ours_peak_mib']:7.1f} MiB  dropped {row['num_dropped']:>5d}"
         )
@@ -272,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip submodlib")
     parser.add_argument("--device", default="cpu", help="where our selection runs (cpu or cuda)")
     parser.add_argument("--large-rows", type=int, default=200_000)
+    parser.add_argument(
+        "--large-greedy",
+        default="stochastic",
+        choices=("stochastic", "lazy"),
+        help="optimiser for the large case (exact lazy greedy takes hours there on a CPU)",
+    )
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -310,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             budget = class_budget(0.1, args.large_rows)
             print(f"large: one class of {args.large_rows:,d} rows, {budget:,d} medoids", flush=True)
             results += run_case(
-                "large", emb, labels, [0.1], reference=False, repeats=1, device=args.device, isolated=iso
+                "large",
+                emb,
+                labels,
+                [0.1],
+                reference=False,
+                repeats=1,
+                device=args.device,
+                isolated=iso,
+                greedy=args.large_greedy,
             )
         else:
             parser.error(f"unknown case {case!r}")

@@ -66,22 +66,32 @@ Memory and speed
 ----------------
 The similarity kernel of a class is held in memory (float32, ``4 n_c^2`` bytes, exactly
 symmetric: upper-triangular tiles are computed and mirrored) only if it fits
-``memory_budget_mb``; otherwise it is never materialised and the rows and blocks the greedy
-needs are recomputed from the embeddings in tiles that fit the budget. That path is exact up to
-the last bit of the recomputed similarities (differently shaped matrix products may round
-differently), and costs ``O(n_c^2)`` kernel evaluations per pass over the class, so very large
-classes are slow on a CPU (a class of 200,000 rows needs 4e10 evaluations for its first gains).
-Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
+``memory_budget_mb``. A larger class is never materialised:
+
+* euclidean metric, on the CPU: the rows are grouped into small cells and every gain or
+  update touches only the cells that can contribute (:mod:`hf_epic.cells`); results are those
+  of the dense computation. Stochastic greedy is fast there (a class of 200,000 rows at
+  fraction 0.1 takes one to two minutes on one CPU core); exact lazy greedy's first steps still
+  evaluate ``O(n_c^2)`` similarities, which is hours for such a class on a CPU.
+* otherwise (cosine, or a GPU): the rows and blocks the greedy needs are recomputed from the
+  embeddings in tiles that fit the budget, ``O(n_c^2)`` kernel evaluations per pass.
+
+Both are exact up to the last bit of the recomputed similarities (differently shaped matrix
+products may round differently; with float64 distances, ``D <= 64``, they agree bit for bit in
+practice). Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
 class-centred data) and in float32 above. On the CPU the work runs on one intra-op thread
 (torch's thread pool costs more than it gains on the many small operations, and spins
-badly on a loaded machine); instead, when torch is configured for several threads, that
-many classes are processed concurrently, each with its share of the memory budget.
+badly on a loaded machine); instead, when torch is configured for two threads, one thread
+builds the next class's kernel while the other runs the greedy of the previous one, and with
+more threads that many classes are processed concurrently, each with its share of the memory
+budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -92,6 +102,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hf_epic.cells import FreeSampler, greedy_lazy_cells, greedy_stochastic_cells
+
 __all__ = ["SelectionResult", "find_isolated", "similarity_kernel"]
 
 _METRICS = ("euclidean", "cosine")
@@ -99,6 +111,8 @@ _GREEDY = ("lazy", "naive", "stochastic")
 # Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
 # similarities is ~1e-7 relative; this is two orders of magnitude above it).
 _PRUNE_MARGIN = 1e-5
+# With two CPU threads, build kernels on one while the other runs greedy steps (see _pipelined).
+_PIPELINE = True
 # Blocks up to this many elements are processed in one piece.
 _SMALL_BLOCK = 1 << 15
 
@@ -543,21 +557,19 @@ def _greedy_incremental(
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
     gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    taken = torch.zeros(n, dtype=torch.bool, device=dev) if generator is not None else None
+    sampler = FreeSampler(n, generator) if generator is not None else None
     order: list[int] = []
     matrix = kernel.matrix
     if generator is None and matrix is not None and dev.type == "cpu":
         return _greedy_dense_cpu(kernel, budget, gains, cur, assign), assign
     for _ in range(budget):
-        if generator is None:
+        if sampler is None:
             j = int(torch.argmax(gains))
         else:
-            free = (~taken).nonzero().squeeze(1)
             # the sample, in row order so that ties go to the lowest row position
-            pick = torch.randperm(free.numel(), generator=generator)[:sample_size].sort().values.to(dev)
-            cand = free[pick]
+            cand = sampler.sample(sample_size).to(dev)
             j = int(cand[torch.argmax(gains[cand])])
-            taken[j] = True
+            sampler.remove(j)
         order.append(j)
         gain = float(gains[j])
         gains[j] = -math.inf
@@ -659,17 +671,30 @@ def _select_class(
     epsilon: float,
     budget_bytes: int,
     workspace: list[torch.Tensor] | None = None,
+    kernel: _Kernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy facility location on one class; returns (medoids, assignment) as class positions."""
+    """Greedy facility location on one class; returns (medoids, assignment) as class positions.
+
+    ``kernel`` is the class's kernel when it was already built (by the pipeline of
+    :func:`_find_isolated`); otherwise it is built here, in ``workspace``.
+    """
     n = int(x.shape[0])
     budget = class_budget(fraction, n)
-    kernel = _Kernel(x, metric, budget_bytes, workspace)
+    if kernel is None:
+        kernel = _Kernel(x, metric, budget_bytes, workspace)
+    # a class too large for a dense kernel, on the CPU: prune with cells (hf_epic.cells)
+    cells = metric == "euclidean" and kernel.matrix is None and x.device.type == "cpu"
     if greedy == "naive":
         order = _greedy_naive(kernel, budget)
         assign = None
     elif greedy == "stochastic":
         size = min(n, max(1, math.ceil(n / budget * math.log(1.0 / epsilon))))
-        order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
+        if cells:
+            order, assign = greedy_stochastic_cells(kernel, budget, size, generator, budget_bytes)
+        else:
+            order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
+    elif cells:
+        order, assign = greedy_lazy_cells(kernel, budget, budget_bytes)
     else:
         order, assign = _greedy_incremental(kernel, budget)
     medoids = torch.tensor(order, dtype=torch.int64, device=x.device)
@@ -683,6 +708,47 @@ def _select_class(
         sims = kernel.block(rows, medoids)
         assign[rows] = medoids[torch.argmax(sims, dim=1)]
     return medoids, assign
+
+
+def _pipelined(
+    jobs: list[int],
+    build: Any,
+    finish: Any,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Runs ``finish(k, build(k, workspace))`` for every job on two threads, as a pipeline.
+
+    One thread builds the next class's kernel (large tensor operations, which release the
+    GIL) while this thread runs the greedy of the previous one (many small operations, which
+    hold it most of the time): the two overlap instead of fighting over the GIL. At most two
+    kernels exist at once (two workspaces, handed back and forth).
+    """
+    free: queue.Queue = queue.Queue()
+    for _ in range(2):
+        free.put([])
+    ready: queue.Queue = queue.Queue(maxsize=1)
+
+    def producer() -> None:
+        try:
+            for k in jobs:
+                workspace = free.get()
+                ready.put((k, build(k, workspace), workspace))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            ready.put(exc)
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for _ in jobs:
+        item = ready.get()
+        if isinstance(item, BaseException):
+            thread.join()
+            raise item
+        k, kernel, workspace = item
+        done[k] = finish(k, kernel)
+        del kernel
+        free.put(workspace)
+    thread.join()
+    return done
 
 
 def find_isolated(
@@ -796,8 +862,22 @@ def _find_isolated(
         )
         return rows[med], rows[assign]
 
+    def build(k: int, workspace: list[torch.Tensor]) -> _Kernel:
+        rows = order[starts[k] : starts[k] + counts[k]]
+        return _Kernel(emb[rows], metric, share, workspace)
+
+    def finish(k: int, kernel: _Kernel) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = order[starts[k] : starts[k] + counts[k]]
+        generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
+        med, assign = _select_class(
+            emb[rows], float(fraction), metric, greedy, generator, epsilon, share, kernel=kernel
+        )
+        return rows[med], rows[assign]
+
     by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
-    if workers > 1:
+    if workers == 2 and _PIPELINE:
+        done = _pipelined(by_size, build, finish)
+    elif workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             done = dict(zip(by_size, pool.map(run, by_size)))
     else:

@@ -297,18 +297,22 @@ def test_inputs_are_not_modified():
     assert torch.equal(emb, e0) and torch.equal(labels, l0)
 
 
-def test_concurrent_classes_give_the_same_result():
+@pytest.mark.parametrize("greedy", ["lazy", "stochastic"])
+def test_concurrent_classes_give_the_same_result(greedy):
     emb, labels = _gradient_like(600, 5, 12)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = find_isolated(emb, labels, 0.2, greedy="stochastic", seed=3)
-        torch.set_num_threads(2)  # classes run on two worker threads
-        two = find_isolated(emb, labels, 0.2, greedy="stochastic", seed=3)
+        one = find_isolated(emb, labels, 0.2, greedy=greedy, seed=3)
+        torch.set_num_threads(2)  # a pipeline: one thread builds kernels, one runs greedy steps
+        two = find_isolated(emb, labels, 0.2, greedy=greedy, seed=3)
+        torch.set_num_threads(3)  # three classes at a time
+        three = find_isolated(emb, labels, 0.2, greedy=greedy, seed=3)
     finally:
         torch.set_num_threads(before)
     assert torch.get_num_threads() == before
-    assert torch.equal(one.medoids, two.medoids) and torch.equal(one.assignment, two.assignment)
+    for other in (two, three):
+        assert torch.equal(one.medoids, other.medoids) and torch.equal(one.assignment, other.assignment)
 
 
 def test_wide_embeddings_lazy_equals_naive_and_kernel_is_right():

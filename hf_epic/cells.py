@@ -1,0 +1,479 @@
+r"""Greedy facility location on classes too large for a dense kernel, by pruning with cells.
+
+Pure torch (no Hugging Face imports); used by :mod:`hf_epic.selection` for the euclidean
+kernel ``s(i, c) = exp(-||g_i - g_c|| / D)`` when a class's ``n x n`` kernel does not fit the
+memory budget. Nothing here materialises more than a small block of the kernel.
+
+Cells
+-----
+The class's rows are split into *cells* of at most ``leaf`` rows by a k-d tree (each cell
+with more rows is halved at the median of its widest coordinate, level by level). Cell ``b``
+has a centre ``mu_b`` (the mean of its rows) and a radius ``rho_b`` (the largest distance of
+a row to the centre).
+
+Reach
+-----
+A row ``i`` whose best similarity so far is ``cur_i`` (0 before any medoid) contributes to
+the gain ``sum_i max(0, s(i, c) - cur_i)`` of a candidate ``c`` only if
+``s(i, c) > cur_i``, that is if ``||g_i - g_c|| < r_i = -D ln(cur_i)`` (its *reach*; infinite
+while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle inequality
+``||g_i - g_c|| >= ||mu_b - g_c|| - rho_b``, no row of cell ``b`` contributes to ``c`` unless
+
+    ||mu_b - g_c|| - rho_b < R_b,                                              (1)
+
+so a gain, and the rows a new medoid takes over, need only the rows of the cells that pass
+(1). As medoids accumulate, reaches shrink to the distance from a row to its medoid and each
+evaluation touches a small neighbourhood instead of the whole class. The test carries
+margins for the float32 rounding of similarities and the rounding of distances, so it never
+prunes a row that contributes: the gains are exactly those of the dense computation (sums of
+multiples of ``2**-24`` in float64), only cheaper.
+
+Optimisers on top of it
+-----------------------
+* :func:`greedy_lazy_cells`: exact lazy greedy (Minoux, 1978). Gains only fall as medoids are
+  added, so a candidate's last computed gain bounds its current one; candidates sit in a heap
+  by bound (ties: lowest row first), the top ones are re-evaluated in batches, and a candidate
+  whose gain is current and on top is selected: the same medoids as the naive greedy. Its
+  first steps are the expensive ones (every reach is still large).
+* :func:`greedy_stochastic_cells`: stochastic greedy (Mirzasoleiman et al., 2015): each step
+  draws ``sample_size`` not yet selected rows and adds the one with the largest exact gain;
+  identical to the dense path's stochastic greedy for the same seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Cells", "FreeSampler", "greedy_lazy_cells", "greedy_stochastic_cells"]
+
+# Similarities computed in float32 are within a few ulps (~1e-7) of exp(-d / D); the reach
+# allows this much more similarity before it prunes.
+_SIM_MARGIN = 1e-6
+# Pair blocks (cells x leaf rows x dimensions) are processed in chunks of at most this many
+# elements (fewer when the memory budget is small: about 24 bytes of work memory per element).
+_CHUNK_ELEMENTS = 1 << 21
+_BYTES_PER_ELEMENT = 24
+# Rows per cell.
+_LEAF = 8
+# Cells per group (the first level of the test).
+_GROUP = 32
+# Cells and groups wider than these multiples of the median cell width are split further.
+_CELL_WIDTH = 2.0
+_GROUP_WIDTH = 4.0
+# A gain evaluation covers every row when the groups that pass the test hold more than this
+# share of the (candidate, row) pairs.
+_DENSE_SHARE = 0.3
+
+
+class FreeSampler:
+    """Uniform samples of the rows not yet selected, reproducible from a torch generator.
+
+    A sample of ``size`` rows is the set of distinct values of uniform draws over the free
+    rows, drawn until it has ``size`` elements (a uniformly random subset), returned sorted
+    so that ties in gain go to the lowest row. Removing a row is O(1) (swap with the last).
+
+    Args:
+        n: Number of rows.
+        generator: The torch generator that seeds every draw.
+    """
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.free = np.arange(n, dtype=np.int64)
+        self.position = np.arange(n, dtype=np.int64)
+        self.count = n
+        self.generator = generator
+
+    def sample(self, size: int) -> torch.Tensor:
+        """``min(size, free rows)`` distinct free rows, sorted (int64)."""
+        if size >= self.count:
+            return torch.from_numpy(np.sort(self.free[: self.count]))
+        pick = torch.randint(self.count, (size,), generator=self.generator).unique()
+        while pick.numel() < size:
+            more = torch.randint(self.count, (size - pick.numel(),), generator=self.generator)
+            pick = torch.cat([pick, more]).unique()
+        return torch.from_numpy(np.sort(self.free[pick.numpy()]))
+
+    def remove(self, row: int) -> None:
+        """Marks ``row`` as selected."""
+        at = self.position[row]
+        last = self.free[self.count - 1]
+        self.free[at] = last
+        self.position[last] = at
+        self.count -= 1
+
+
+class Cells:
+    """The rows of one class grouped into small balls, with the state the greedy prunes by.
+
+    Args:
+        kernel: The class's :class:`hf_epic.selection._Kernel` (euclidean metric): its
+            embeddings ``x`` (centred), squared norms ``sq``, ``inv_dim``, ``work_dtype`` and
+            ``needs_rounding`` define the similarities computed here, exactly as its tiles.
+        leaf: Largest number of rows in a cell (narrower cells are split further).
+        budget_bytes: Work memory for one block of similarities.
+    """
+
+    def __init__(
+        self, kernel: Any, leaf: int = _LEAF, budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT
+    ) -> None:
+        if kernel.metric != "euclidean":
+            raise ValueError("cells prune the euclidean kernel only")
+        n = kernel.n
+        self.n = n
+        self.chunk_elements = int(min(_CHUNK_ELEMENTS, max(1, budget_bytes // _BYTES_PER_ELEMENT)))
+        self.dim = 1.0 / kernel.inv_dim
+        self.inv_dim = kernel.inv_dim
+        self.needs_rounding = kernel.needs_rounding
+        x64 = kernel.x.to(torch.float64)
+        # two levels: groups of about _GROUP cells, split further into cells
+        # Outliers (rows far from everything) would make their cell or group wide, so that it
+        # passes every test: cells and groups much wider than is typical are split further,
+        # down to single rows.
+        typical = float(_cell_widths(x64, _kd_cells(x64, leaf)).median())
+        group = _kd_cells(x64, leaf * _GROUP, max_width=_GROUP_WIDTH * typical)
+        cell = _kd_cells(x64, leaf, start=group, max_width=_CELL_WIDTH * typical)
+        k = int(cell.max()) + 1
+        order = torch.argsort(cell, stable=True)
+        counts = torch.bincount(cell, minlength=k)
+        self.num_cells = k
+        self.cell_of = cell
+        # members[b] = rows of cell b, padded with the sentinel row n
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(n) - starts[cell[order]]
+        members = torch.full((k, width), n, dtype=torch.int64)
+        members[cell[order], slot] = order
+        self.members = members
+        self.center = torch.zeros(k, x64.shape[1], dtype=torch.float64).index_add_(0, cell, x64)
+        self.center /= counts[:, None].to(torch.float64)
+        dist = (x64 - self.center[cell]).norm(dim=1)
+        radius = torch.zeros(k, dtype=torch.float64).scatter_reduce_(
+            0, cell, dist, "amax", include_self=False
+        )
+        self.center_sq = (self.center * self.center).sum(dim=1)
+        # Distances in the kernel and here carry rounding errors; this absolute slack covers
+        # them (cancellation in ||a||^2 + ||b||^2 - 2ab scales with the largest squared norm).
+        max_sq = float(kernel.sq.max()) if n else 0.0
+        eps = 2.0**-52 if kernel.work_dtype == torch.float64 else 2.0**-23
+        self.slack = math.sqrt(64.0 * eps * max(max_sq, float(self.center_sq.max()), 1e-300)) + 1e-12
+        self.radius = radius * (1.0 + 1e-6) + self.slack
+        # cell-major copies (cell x slot), padded with a sentinel that never contributes
+        # (its best similarity is 2 > any s): each evaluation gathers whole cells
+        x_pad = torch.cat([kernel.x, kernel.x.new_zeros(1, kernel.x.shape[1])])
+        sq_pad = torch.cat([kernel.sq, kernel.sq.new_zeros(1)])
+        self.x = kernel.x
+        self.sq = kernel.sq
+        self.cell_x = x_pad[members]  # k x L x D
+        self.cell_sq = sq_pad[members]  # k x L
+        self.cell_cur = torch.where(members < n, 0.0, 2.0).to(torch.float32)  # k x L
+        self.cell_assign = torch.full((k, width), -1, dtype=torch.int64)
+        # reach of every cell, plus a sentinel cell k that never passes the test
+        self.reach = torch.full((k + 1,), math.inf, dtype=torch.float64)
+        self.reach[k] = -math.inf
+        # groups: centre, radius, their cells (padded with the sentinel k) and reach
+        num_groups = int(group.max()) + 1
+        self.group_of_cell = torch.zeros(k, dtype=torch.int64).index_copy_(0, cell, group)
+        gcounts = torch.bincount(group, minlength=num_groups)
+        self.group_center = torch.zeros(num_groups, x64.shape[1], dtype=torch.float64).index_add_(
+            0, group, x64
+        )
+        self.group_center /= gcounts[:, None].to(torch.float64)
+        gdist = (x64 - self.group_center[group]).norm(dim=1)
+        gradius = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce_(
+            0, group, gdist, "amax", include_self=False
+        )
+        self.group_radius = gradius * (1.0 + 1e-6) + self.slack
+        self.group_center_sq = (self.group_center * self.group_center).sum(dim=1)
+        cells_per_group = torch.bincount(self.group_of_cell, minlength=num_groups)
+        by_group = torch.argsort(self.group_of_cell, stable=True)
+        gstarts = torch.cumsum(cells_per_group, 0) - cells_per_group
+        gslot = torch.arange(k) - gstarts[self.group_of_cell[by_group]]
+        self.group_cells = torch.full((num_groups, int(cells_per_group.max())), k, dtype=torch.int64)
+        self.group_cells[self.group_of_cell[by_group], gslot] = by_group
+        self.group_reach = torch.full((num_groups,), math.inf, dtype=torch.float64)
+        self.group_size = gcounts
+
+    @property
+    def assign(self) -> torch.Tensor:
+        """For every row, its medoid (-1 before the first selection)."""
+        out = torch.full((self.n,), -1, dtype=torch.int64)
+        real = self.members < self.n
+        out[self.members[real]] = self.cell_assign[real]
+        return out
+
+    # ----------------------------------------------------------------- geometry
+
+    def _active_groups(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate, group) pairs passing test (1) with a group's centre, radius and reach."""
+        # ||mu - c|| - rho < R  <=>  ||mu - c||^2 < (rho + R)^2 (margins folded into the limit)
+        limit = (self.group_reach + self.slack) / (1.0 - 1e-6) + self.group_radius
+        limit = torch.where(limit > 0, limit * limit, -1.0)
+        d2 = torch.addmm(self.group_center_sq, xc, self.group_center.T, alpha=-2.0)
+        d2 += (xc * xc).sum(dim=1)[:, None]
+        which, group = (d2 < limit).nonzero(as_tuple=True)
+        return which, group
+
+    def _active_cells(
+        self, xc: torch.Tensor, which: torch.Tensor, group: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (candidate, cell) pairs passing test (1), among the cells of the given groups."""
+        cells = self.group_cells.index_select(0, group)  # P x C, padded with the sentinel
+        which = which[:, None].expand_as(cells).reshape(-1)
+        cells = cells.reshape(-1)
+        real = cells < self.num_cells
+        which, cells = which[real], cells[real]
+        diff = xc.index_select(0, which) - self.center.index_select(0, cells)
+        limit = (self.reach.index_select(0, cells) + self.slack) / (1.0 - 1e-6) + self.radius.index_select(
+            0, cells
+        )
+        keep = (diff * diff).sum(dim=1) < torch.where(limit > 0, limit * limit, -1.0)
+        return which[keep], cells[keep]
+
+    def active_pairs(self, cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate index into ``cands``, cell) for every pair that passes test (1).
+
+        Groups are tested first (the same test with a group's centre, radius and reach), then
+        the cells of the groups that pass.
+        """
+        xc = self.x.index_select(0, cands).to(torch.float64)
+        which, group = self._active_groups(xc)
+        return self._active_cells(xc, which, group)
+
+    def _similarities(self, cell: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        """s(row, cands[p]) for every row of ``cell[p]`` (float32 P x L, quantised as the kernel's)."""
+        xr = self.cell_x.index_select(0, cell)  # P x L x D
+        xc = self.x.index_select(0, cands)  # P x D
+        dot = torch.bmm(xr, xc[:, :, None])[:, :, 0]
+        d2 = (self.cell_sq.index_select(0, cell) + self.sq.index_select(0, cands)[:, None]).sub_(
+            dot, alpha=2.0
+        )
+        s = d2.clamp_min_(0.0).to(torch.float32).sqrt_().mul_(-self.inv_dim).exp_()
+        if self.needs_rounding:
+            s.mul_(2.0**24).round_().div_(2.0**24)
+        return s.masked_fill_(self.members.index_select(0, cell) == cands[:, None], 1.0)
+
+    def _pairs_per_chunk(self) -> int:
+        return max(1, self.chunk_elements // max(1, self.members.shape[1] * self.x.shape[1]))
+
+    # ----------------------------------------------------------------- greedy steps
+
+    def gains(self, cands: torch.Tensor) -> torch.Tensor:
+        """Exact gains ``sum_i max(0, s(i, c) - cur_i)`` of ``cands`` (float64).
+
+        When most of the class can still contribute (the first steps), every row is evaluated
+        in contiguous blocks, which is cheaper than gathering nearly all cells pair by pair.
+        """
+        xc = self.x.index_select(0, cands).to(torch.float64)
+        which, group = self._active_groups(xc)
+        out = torch.zeros(cands.numel(), dtype=torch.float64)
+        if int(self.group_size.index_select(0, group).sum()) > _DENSE_SHARE * self.n * cands.numel():
+            return self._dense_gains(cands)
+        which, cell = self._active_cells(xc, which, group)
+        step = self._pairs_per_chunk()
+        for a in range(0, int(which.numel()), step):
+            w = which[a : a + step]
+            c = cell[a : a + step]
+            s = self._similarities(c, cands.index_select(0, w))
+            contrib = s.sub_(self.cell_cur.index_select(0, c)).clamp_min_(0.0).sum(dim=1, dtype=torch.float64)
+            out.index_add_(0, w, contrib)
+        return out
+
+    def _dense_gains(self, cands: torch.Tensor) -> torch.Tensor:
+        """:meth:`gains` over every row (cell-major, padding included: it never contributes)."""
+        k, width = self.members.shape
+        x = self.cell_x.view(k * width, -1)
+        sq = self.cell_sq.view(-1)
+        cur = self.cell_cur.view(-1)
+        rows = self.members.view(-1)
+        xct = self.x.index_select(0, cands).T.contiguous()
+        sqc = self.sq.index_select(0, cands)
+        out = torch.zeros(cands.numel(), dtype=torch.float64)
+        step = max(1, self.chunk_elements // max(1, cands.numel()))
+        for a in range(0, k * width, step):
+            b = min(k * width, a + step)
+            d2 = torch.addmm(sq[a:b, None] + sqc[None, :], x[a:b], xct, alpha=-2.0)
+            s = d2.clamp_min_(0.0).to(torch.float32).sqrt_().mul_(-self.inv_dim).exp_()
+            if self.needs_rounding:
+                s.mul_(2.0**24).round_().div_(2.0**24)
+            s.masked_fill_(rows[a:b, None] == cands[None, :], 1.0)
+            out += s.sub_(cur[a:b, None]).clamp_min_(0.0).sum(dim=0, dtype=torch.float64)
+        return out
+
+    def select(self, j: int) -> None:
+        """Adds medoid ``j``: rows it represents better take it as their medoid."""
+        cand = torch.tensor([j])
+        _, cell = self.active_pairs(cand)
+        step = self._pairs_per_chunk()
+        for a in range(0, int(cell.numel()), step):
+            c = cell[a : a + step]
+            s = self._similarities(c, cand.expand(c.numel()))
+            cur = self.cell_cur.index_select(0, c)
+            better = s > cur
+            if not bool(better.any()):
+                continue
+            cur = torch.where(better, s, cur)
+            self.cell_cur.index_copy_(0, c, cur)
+            self.cell_assign.index_copy_(0, c, self.cell_assign.index_select(0, c).masked_fill_(better, j))
+            cur64 = cur.to(torch.float64)
+            reach = torch.where(
+                cur64 > _SIM_MARGIN,
+                -self.dim * torch.log((cur64 - _SIM_MARGIN).clamp_min(1e-300)),
+                torch.full_like(cur64, math.inf),
+            )
+            self.reach.index_copy_(0, c, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
+            groups = self.group_of_cell.index_select(0, c).unique()
+            group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
+            self.group_reach.index_copy_(0, groups, group_reach.view(groups.numel(), -1).amax(dim=1))
+
+
+def _kd_cells(
+    x: torch.Tensor, leaf: int, start: torch.Tensor | None = None, max_width: float = math.inf
+) -> torch.Tensor:
+    """Cell id of every row: a k-d tree halving, level by level, every cell with more than
+    ``leaf`` rows or (with at least two rows) wider than ``max_width`` in some coordinate, at
+    the median of its widest coordinate (vectorised over the cells of a level).
+
+    ``start`` is an initial partition (ids 0..m-1) to refine; by default one cell.
+    """
+    n = x.shape[0]
+    cell = torch.zeros(n, dtype=torch.int64) if start is None else start.clone()
+    num = int(cell.max()) + 1 if n else 1
+    while True:
+        counts = torch.bincount(cell, minlength=num)
+        index = cell[:, None].expand_as(x)
+        hi = torch.full((num, x.shape[1]), -math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amax")
+        lo = torch.full((num, x.shape[1]), math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amin")
+        width, axis = (hi - lo).max(dim=1)
+        big = (counts > leaf) | ((counts > 1) & (width > max_width))
+        if not bool(big.any()):
+            return cell
+        value = x.gather(1, axis[cell][:, None])[:, 0]
+        # rank of every row within its cell by that coordinate (ties by row: deterministic)
+        by_value = torch.argsort(value, stable=True)
+        by_cell = by_value[torch.argsort(cell[by_value], stable=True)]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty(n, dtype=torch.int64)
+        rank[by_cell] = torch.arange(n) - starts[cell[by_cell]]
+        upper = big[cell] & (rank >= counts[cell] // 2)
+        # new ids: cell b keeps id b (its lower half); its upper half gets num + (index among split cells)
+        new_id = torch.cumsum(big.to(torch.int64), 0) - 1 + num
+        cell = torch.where(upper, new_id[cell], cell)
+        num += int(big.sum())
+
+
+def _cell_widths(x: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """Largest coordinate extent of every cell."""
+    num = int(cell.max()) + 1
+    index = cell[:, None].expand_as(x)
+    hi = torch.full((num, x.shape[1]), -math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amax")
+    lo = torch.full((num, x.shape[1]), math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amin")
+    return (hi - lo).max(dim=1).values
+
+
+def greedy_lazy_cells(
+    kernel: Any, budget: int, budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT, leaf: int = _LEAF
+) -> tuple[list[int], torch.Tensor]:
+    """Exact lazy greedy on pruned evaluations; returns (medoids in order, assignment).
+
+    Args:
+        kernel: The class's kernel (euclidean; its dense matrix is not needed).
+        budget: Number of medoids.
+        budget_bytes: Work memory for one block of similarities.
+        leaf: Rows per cell.
+    """
+    cells = Cells(kernel, leaf, budget_bytes)
+    n = kernel.n
+    # bounds: with cur = 0 the gain of c is at most sum_g |g| min(1, exp(-(||mu_g - c|| - rho_g) / D))
+    sizes = torch.bincount(
+        cells.group_of_cell.index_select(0, cells.cell_of), minlength=cells.group_center.shape[0]
+    )
+    sizes = sizes.to(torch.float64)
+    bound = torch.empty(n, dtype=torch.float64)
+    step = max(1, cells.chunk_elements // max(1, sizes.numel()))
+    for a in range(0, n, step):
+        xc = kernel.x[a : min(n, a + step)].to(torch.float64)
+        d2 = torch.addmm(
+            (xc * xc).sum(dim=1)[:, None] + cells.group_center_sq[None, :],
+            xc,
+            cells.group_center.T,
+            alpha=-2.0,
+        )
+        lower = (d2.clamp_min_(0.0).sqrt_() - cells.group_radius[None, :]) * (1.0 - 1e-6) - cells.slack
+        bound[a : a + xc.shape[0]] = (
+            torch.exp(lower.clamp_min_(0.0) * -cells.inv_dim) + _SIM_MARGIN
+        ).clamp_max_(1.0) @ sizes
+    heap = list(zip((-bound).tolist(), range(n), [-1] * n))
+    heapq.heapify(heap)
+    order: list[int] = []
+    batch = 64
+    while len(order) < budget:
+        step_now = len(order)
+        if heap[0][2] == step_now:  # current gain, on top: the greedy choice
+            j = heapq.heappop(heap)[1]
+            order.append(j)
+            cells.select(j)
+            continue
+        popped = [heapq.heappop(heap)]
+        while len(popped) < batch and heap and heap[0][2] != step_now:
+            popped.append(heapq.heappop(heap))
+        cands = torch.tensor([p[1] for p in popped])
+        gains = cells.gains(cands).tolist()
+        for g, p in zip(gains, popped):
+            heapq.heappush(heap, (-g, p[1], step_now))
+    return order, cells.assign
+
+
+def greedy_stochastic_cells(
+    kernel: Any,
+    budget: int,
+    sample_size: int,
+    generator: torch.Generator,
+    budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT,
+    leaf: int = _LEAF,
+) -> tuple[list[int], torch.Tensor]:
+    """Stochastic greedy on pruned evaluations; returns (medoids in order, assignment).
+
+    Lazy within each sample: a candidate's last computed gain bounds its current one, so the
+    sample is evaluated in order of bound (then row) and stops once no remaining bound can
+    beat the best exact gain found; the choice is the sample's exact argmax (ties: lowest row).
+
+    Args:
+        kernel: The class's kernel (euclidean; its dense matrix is not needed).
+        budget: Number of medoids.
+        sample_size: Candidates drawn per step.
+        generator: Seeds the draws (as the dense path's stochastic greedy).
+        budget_bytes: Work memory for one block of similarities.
+        leaf: Rows per cell.
+    """
+    cells = Cells(kernel, leaf, budget_bytes)
+    sampler = FreeSampler(kernel.n, generator)
+    bound = np.full(kernel.n, np.inf)
+    order: list[int] = []
+    for _ in range(budget):
+        cand = sampler.sample(sample_size).numpy()
+        # by bound, descending, then row, ascending
+        cand = cand[np.lexsort((cand, -bound[cand]))]
+        best_gain, best_row = -math.inf, -1
+        pos = 0
+        while pos < cand.size:
+            top = bound[cand[pos]]
+            if top < best_gain or (top == best_gain and cand[pos] > best_row):
+                break
+            # never-evaluated candidates (infinite bound) go in one batch, then a few at a time
+            end = pos + max(4, int(np.isinf(bound[cand[pos:]]).sum()))
+            batch = cand[pos:end]
+            gains = cells.gains(torch.from_numpy(batch)).numpy()
+            bound[batch] = gains
+            for g, row in zip(gains.tolist(), batch.tolist()):
+                if g > best_gain or (g == best_gain and row < best_row):
+                    best_gain, best_row = g, row
+            pos = end
+        order.append(best_row)
+        sampler.remove(best_row)
+        cells.select(best_row)
+    return order, cells.assign
