@@ -91,7 +91,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -113,8 +112,9 @@ _GREEDY = ("lazy", "naive", "stochastic")
 _PRUNE_MARGIN = 1e-5
 # Stochastic greedy on classes of at least this many rows without a dense kernel uses cells.
 _CELLS_MIN_ROWS = 12_000
-# With two CPU threads, build kernels on one while the other runs greedy steps (see _pipelined).
-_PIPELINE = True
+# With several CPU threads, at most one runs greedy steps while the others build kernels
+# (see _scheduled); False: one class per thread.
+_SCHEDULER = True
 # Blocks up to this many elements are processed in one piece.
 _SMALL_BLOCK = 1 << 15
 
@@ -715,44 +715,73 @@ def _select_class(
     return medoids, assign
 
 
-def _pipelined(
+def _scheduled(
     jobs: list[int],
     build: Any,
     finish: Any,
+    workers: int,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Runs ``finish(k, build(k, workspace))`` for every job on two threads, as a pipeline.
+    """Runs ``finish(k, build(k, workspace))`` for every job on ``workers`` threads.
 
-    One thread builds the next class's kernel (large tensor operations, which release the
-    GIL) while this thread runs the greedy of the previous one (many small operations, which
-    hold it most of the time): the two overlap instead of fighting over the GIL. At most two
-    kernels exist at once (two workspaces, handed back and forth).
+    Building a class's kernel is a few large tensor operations, which release the GIL;
+    its greedy is many small ones, which hold it most of the time, so two greedy runs at once
+    only fight over it. Each thread therefore takes the greedy of a built kernel when no other
+    thread is running one, and otherwise builds the next kernel if one of the ``workers``
+    workspaces is free: the greedy steps run back to back on some thread while the kernels
+    are built on the others (with wide embeddings, where building dominates, several at a
+    time). At most ``workers`` kernels exist at once, as with one class per thread.
     """
-    free: queue.Queue = queue.Queue()
-    for _ in range(2):
-        free.put([])
-    ready: queue.Queue = queue.Queue(maxsize=1)
-
-    def producer() -> None:
-        try:
-            for k in jobs:
-                workspace = free.get()
-                ready.put((k, build(k, workspace), workspace))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            ready.put(exc)
-
-    thread = threading.Thread(target=producer, daemon=True)
-    thread.start()
+    lock = threading.Condition()
+    free = [[] for _ in range(workers)]  # workspaces (reused buffers for the dense kernel)
+    built: list[tuple[int, _Kernel, list[torch.Tensor]]] = []
+    state = {"next": 0, "greedy": False, "error": None}
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for _ in jobs:
-        item = ready.get()
-        if isinstance(item, BaseException):
-            thread.join()
-            raise item
-        k, kernel, workspace = item
-        done[k] = finish(k, kernel)
-        del kernel
-        free.put(workspace)
-    thread.join()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                while True:
+                    if state["error"] is not None or len(done) == len(jobs):
+                        return
+                    if built and not state["greedy"]:
+                        k, kernel, workspace = built.pop(0)
+                        state["greedy"] = True
+                        action = "greedy"
+                        break
+                    if state["next"] < len(jobs) and free:
+                        k = jobs[state["next"]]
+                        state["next"] += 1
+                        workspace = free.pop()
+                        action = "build"
+                        break
+                    lock.wait()
+            try:
+                if action == "build":
+                    kernel = build(k, workspace)
+                    with lock:
+                        built.append((k, kernel, workspace))
+                        lock.notify_all()
+                else:
+                    result = finish(k, kernel)
+                    del kernel
+                    with lock:
+                        done[k] = result
+                        free.append(workspace)
+                        state["greedy"] = False
+                        lock.notify_all()
+            except BaseException as exc:  # re-raised by the calling thread
+                with lock:
+                    state["error"] = exc
+                    lock.notify_all()
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if state["error"] is not None:
+        raise state["error"]
     return done
 
 
@@ -880,8 +909,8 @@ def _find_isolated(
         return rows[med], rows[assign]
 
     by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
-    if workers == 2 and _PIPELINE:
-        done = _pipelined(by_size, build, finish)
+    if workers > 1 and _SCHEDULER:
+        done = _scheduled(by_size, build, finish, workers)
     elif workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             done = dict(zip(by_size, pool.map(run, by_size)))

@@ -327,3 +327,28 @@ def test_wide_embeddings_lazy_equals_naive_and_kernel_is_right():
     exact = torch.exp(-torch.cdist(x.double(), x.double()) / 100)
     assert (s - exact).abs().max() < 1e-6
     assert torch.equal(s, s.T)
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_a_worker_thread_reaches_the_caller(monkeypatch):
+    # a class whose kernel cannot be built (simulated out-of-memory) must fail the call, not hang it
+    from hf_epic import selection
+
+    real = selection._Kernel
+
+    class FailingKernel(real):
+        def __init__(self, x, *args, **kwargs):
+            if x.shape[0] == 7:
+                raise MemoryError("kernel of the 7-row class")
+            super().__init__(x, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "_Kernel", FailingKernel)
+    emb, _ = _gradient_like(200, 4, 21)
+    labels = torch.cat([torch.zeros(7, dtype=torch.long), torch.randint(1, 4, (193,))])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(MemoryError, match="7-row class"):
+            find_isolated(emb, labels, 0.2)
+    finally:
+        torch.set_num_threads(before)
