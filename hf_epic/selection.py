@@ -90,6 +90,7 @@ budget.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -105,11 +106,15 @@ from hf_epic.cells import FreeSampler, greedy_stochastic_cells
 
 __all__ = ["SelectionResult", "find_isolated", "similarity_kernel"]
 
+logger = logging.getLogger(__name__)
+
 _METRICS = ("euclidean", "cosine")
 _GREEDY = ("lazy", "naive", "stochastic")
 # Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
 # similarities is ~1e-7 relative; this is two orders of magnitude above it).
 _PRUNE_MARGIN = 1e-5
+# Exact greedy on a CPU class of at least this many rows without a dense kernel logs a warning.
+_SLOW_EXACT_ROWS = 50_000
 # Stochastic greedy on classes of at least this many rows without a dense kernel uses cells.
 _CELLS_MIN_ROWS = 12_000
 # With several CPU threads, at most one runs greedy steps while the others build kernels
@@ -691,6 +696,14 @@ def _select_class(
     cells = (
         metric == "euclidean" and kernel.matrix is None and x.device.type == "cpu" and n >= _CELLS_MIN_ROWS
     )
+    if greedy != "stochastic" and kernel.matrix is None and x.device.type == "cpu" and n >= _SLOW_EXACT_ROWS:
+        logger.warning(
+            "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
+            "O(n^2) similarities on the CPU, which takes minutes (about a quarter of an hour at 200,000 "
+            "rows). greedy='stochastic' takes about a minute at that size; a GPU or a larger "
+            "memory_budget_mb also helps.",
+            n,
+        )
     if greedy == "naive":
         order = _greedy_naive(kernel, budget)
         assign = None

@@ -140,3 +140,17 @@ def test_cells_path_runs_on_a_class_larger_than_the_budget():
     assert res.medoids.numel() == math.ceil(0.1 * 12_000)
     found = len(set(res.dropped.tolist()) & set(range(120)))
     assert found >= 90, found
+
+
+def test_exact_greedy_on_a_huge_class_warns_it_will_be_slow(monkeypatch, caplog):
+    monkeypatch.setattr(selection, "_SLOW_EXACT_ROWS", 500)
+    emb, labels = _gradient_like(600, 2, seed=7)
+    labels = torch.zeros_like(labels)
+    with caplog.at_level("WARNING", logger="hf_epic.selection"):
+        find_isolated(emb, labels, 0.1, memory_budget_mb=TINY_BUDGET_MB)
+    assert "greedy='stochastic'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_epic.selection"):
+        find_isolated(emb, labels, 0.1)  # dense kernel: nothing to warn about
+        find_isolated(emb, labels, 0.1, greedy="stochastic", memory_budget_mb=TINY_BUDGET_MB)
+    assert caplog.text == ""
