@@ -177,6 +177,25 @@ def test_feature_space_attacks(data, surrogate, craft, objective):
     assert all(p.requires_grad for p in surrogate.parameters())
 
 
+def test_gradient_matching_smallest_target_pool_takes_the_lowest_margin_target(data, surrogate):
+    train, test = data
+    _, spec = craft_gradient_matching(
+        train, target_ds=test, target_pool_fraction=1e-9, budget=0.01, model=surrogate, steps=1, restarts=1,
+        progress=False, seed=4,
+    )  # fmt: skip
+    # by hand: among the test rows the surrogate gets right, the one with the smallest margin over its
+    # runner-up class (the pool has one row, so the seed cannot matter)
+    logits = predict(surrogate, images_to_tensor(test, "image"))
+    y = torch.tensor(test["label"])
+    runner_up = logits.clone()
+    runner_up[torch.arange(len(y)), y] = -math.inf
+    margin = logits[torch.arange(len(y)), y] - runner_up.max(1).values
+    margin[logits.argmax(1) != y] = math.inf
+    assert spec.target_indices == [int(margin.argmin())]
+    assert spec.poison_class == int(runner_up[int(margin.argmin())].argmax())
+    assert spec.params["target_pool_fraction"] == 1e-9
+
+
 def test_feature_space_aliases_are_the_one_function_with_the_objective_fixed(data, surrogate):
     train, test = data
     full = inspect.signature(craft_feature_space_attack).parameters
@@ -295,6 +314,8 @@ def test_spec_json_round_trip(tmp_path):
         ({"poison_class": "3"}, TypeError, "int"),
         ({"target_indices": [10**6]}, ValueError, "not a row"),
         ({"budget": 0.5, "poison_class": 3}, ValueError, "lower the budget"),
+        ({"target_pool_fraction": 0.0}, ValueError, "target_pool_fraction"),
+        ({"target_pool_fraction": 1.5}, ValueError, "target_pool_fraction"),
     ],
 )
 def test_gradient_matching_bad_input(data, kwargs, error, match):

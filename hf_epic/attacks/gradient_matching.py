@@ -223,6 +223,7 @@ def craft_gradient_matching(
     poison_class: int | None = None,
     num_targets: int = 1,
     target_selection: str = "low_margin",
+    target_pool_fraction: float = 0.1,
     budget: float = 0.01,
     epsilon: float = 16 / 255,
     model: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
@@ -253,6 +254,9 @@ def craft_gradient_matching(
         poison_class: class the targets should be classified as; None: the first target's runner-up.
         num_targets: number of targets when they are chosen here.
         target_selection: ``"low_margin"`` or ``"random"`` (see :func:`choose_targets`).
+        target_pool_fraction: with ``"low_margin"``, the target is drawn among this share of the correctly
+            classified candidates with the smallest surrogate margin (smaller: more ambiguous targets,
+            which also flip more often without any poison; measure that with a clean control).
         budget: poisons as a fraction of the training set, in (0, 1).
         epsilon: l_inf bound in [0, 1] pixel units (16/255 by default).
         model: the surrogate (used as given unless ``surrogate_epochs``), or a list of surrogates (an
@@ -288,6 +292,8 @@ def craft_gradient_matching(
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
     if target_selection not in ("low_margin", "random"):
         raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
+    if not 0 < target_pool_fraction <= 1:
+        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
     if poison_selection not in ("random", "gradient_norm"):
         raise ValueError(f"poison_selection={poison_selection!r}: use 'random' or 'gradient_norm'.")
     if poison_class is not None:
@@ -325,6 +331,7 @@ def craft_gradient_matching(
             num_targets=num_targets,
             poison_class=poison_class,
             strategy=target_selection,
+            pool_fraction=target_pool_fraction,
             seed=seed,
             image_column=t_img,
             label_column=t_lab,
@@ -418,6 +425,7 @@ def craft_gradient_matching(
             "flip": flip,
             "poison_selection": poison_selection,
             "target_selection": target_selection if chosen_here else "given",
+            "target_pool_fraction": target_pool_fraction,
             "surrogate": surrogate_info,
             "alignment_loss_initial": info["initial_loss"],
             "alignment_loss_final": info["final_loss"],
