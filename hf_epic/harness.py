@@ -46,11 +46,22 @@ BASELINE_DEFENSES = ("random", "high-loss", "low-confidence")
 CONTROL = "clean-control"
 DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES, CONTROL)
 RESULTS_FILE = "results.jsonl"
+DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
+    # Against the 99 %-accurate 40-epoch victim on the plain digits, gradient matching at 1-5 % and
+    # 16/255-32/255 succeeded in 0 of 10 pilot trials (9 with targets from the 10 % lowest-margin
+    # test digits, 1 from the 2 % at a 1 % budget); the offline setting therefore uses half the poison class (5 %), 32/255 and targets from
+    # the 2 % lowest-margin digits (measured: 41.7 % over 12 trials, docs/BENCHMARK_RESULTS.md). Such
+    # targets can flip without any poison (8.3 % there): the ``clean-control`` defense measures it.
+    "gradient_matching": {"budget": 0.05, "epsilon": 32 / 255, "target_pool_fraction": 0.02},
+    "sleeper_agent": {"budget": 0.05, "epsilon": 32 / 255},
+}
+"""Per-attack arguments of the offline default (``dataset="digits"``, ``attack_kwargs=None``)."""
 CONFIG_FILE = "harness_config.json"
 
 __all__ = [
     "ATTACKS",
     "DEFENSES",
+    "DIGITS_ATTACK_KWARGS",
     "HarnessConfig",
     "ResultStore",
     "cell_key",
@@ -87,9 +98,14 @@ class HarnessConfig:
         weight_decay: weight decay.
         epic_interval: epochs between EPIC selection rounds (T).
         epic_start: first epoch at which EPIC selects.
+        epic_stop: no EPIC round once this many epochs are done (exclusive: start 2, interval 2, stop 10
+            runs rounds after epochs 2, 4, 6 and 8; None: rounds until the end), as in the reference's
+            transfer setting.
         baseline_reference: the EPIC defense whose drop schedule the baselines copy.
         attack_kwargs: per-attack keyword arguments for the ``craft_*`` functions, e.g.
-            ``{"gradient_matching": {"epsilon": 16 / 255}}``.
+            ``{"gradient_matching": {"epsilon": 16 / 255}}``. None (the default): ``DIGITS_ATTACK_KWARGS``
+            when ``dataset="digits"`` (the offline setting where the attacks work), otherwise ``{}`` (each
+            attack's own defaults: 1 % budget, epsilon 16/255, 5 % for BadNets).
         seed: base seed; a cell's training seed is ``seed + trial``.
         num_workers: DataLoader workers.
         progress: show progress bars (crafting and training).
@@ -99,21 +115,22 @@ class HarnessConfig:
     """
 
     dataset: str = "digits"
-    digits_variant: str = "hard"
-    image_size: int = 32
-    num_channels: int = 3
+    digits_variant: str = "plain"
+    image_size: int = 16
+    num_channels: int = 1
     model: str = "cnn"
     train_size: int | None = None
     test_size: int | None = None
-    epochs: int = 12
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    learning_rate: float = 0.05
-    weight_decay: float = 5e-4
+    epochs: int = 40
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.05
     epic_interval: int = 2
     epic_start: int = 2
+    epic_stop: int | None = None
     baseline_reference: str = "epic-0.2"
-    attack_kwargs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    attack_kwargs: dict[str, dict[str, Any]] | None = None
     seed: int = 0
     num_workers: int = 0
     progress: bool = False
@@ -121,7 +138,16 @@ class HarnessConfig:
     finetune_learning_rate: float = 1e-4
 
     def __post_init__(self) -> None:
-        """Validate the settings before any time is spent."""
+        """Validate the settings before any time is spent (and resolve ``attack_kwargs=None``)."""
+        if self.attack_kwargs is None:
+            preset = DIGITS_ATTACK_KWARGS if self.dataset == "digits" else {}
+            self.attack_kwargs = {name: dict(kwargs) for name, kwargs in preset.items()}
+        if not isinstance(self.attack_kwargs, dict) or not all(
+            isinstance(v, dict) for v in self.attack_kwargs.values()
+        ):
+            raise ValueError(
+                f"attack_kwargs={self.attack_kwargs!r}: pass a dict of attack name -> dict of keyword arguments."
+            )
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'.")
         if self.model not in ("cnn", "vit", "timm-vit"):
@@ -136,6 +162,11 @@ class HarnessConfig:
                 raise ValueError(f"{name}={value!r}: pass a positive integer.")
         if self.epic_interval < 1 or self.epic_start < 1:
             raise ValueError("epic_interval and epic_start must be >= 1 (epochs are counted from 1).")
+        if self.epic_stop is not None and self.epic_stop <= self.epic_start:
+            raise ValueError(
+                f"epic_stop={self.epic_stop} is not after epic_start={self.epic_start}: EPIC would never run; "
+                "pass epic_stop > epic_start, or None."
+            )
         unknown = sorted(set(self.attack_kwargs) - set(ATTACKS))
         if unknown:
             raise ValueError(f"attack_kwargs names unknown attacks {unknown}; known: {', '.join(ATTACKS)}.")
@@ -808,6 +839,7 @@ def run_cell(
         epic_fraction=fraction,
         epic_interval=config.epic_interval,
         epic_start_epoch=config.epic_start,
+        epic_stop_epoch=config.epic_stop,
     )
     num_labels = poisoned.features["label"].num_classes
     if setting == "scratch":

@@ -19,24 +19,36 @@ Ready-to-paste commands (from the repository root):
         --train_size 200 --test_size 100 --image_size 16 --epochs 2 --epic_start 1 --epic_interval 1 \\
         --num_threads 1 --output_dir bench_out/smoke
 
-    # the offline grid on the hard digits (32x32 colour, 4,314 training rows, tiny ResNet, SGD 0.05,
-    # 12 epochs; about 2 minutes per cell on one CPU thread; resumable)
-    .venv/bin/python recipes/benchmark.py --trials 12 --num_threads 1 --output_dir bench_out/digits
+    # the offline default (plain 16x16 digits, 1,438 training rows, tiny ResNet, AdamW 3e-3, 40 epochs;
+    # EPIC rounds every 2 epochs from epoch 2; attack arguments: hf_epic.harness.DIGITS_ATTACK_KWARGS);
+    # 10-20 s per cell on one CPU thread plus the crafting; resumable. Measured: docs/BENCHMARK_RESULTS.md
+    .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
+        --defenses none epic-0.2 clean-control --num_threads 1 --output_dir bench_out/digits
+    .venv/bin/python recipes/benchmark.py --trials 12 --attacks badnets bullseye_polytope sleeper_agent \\
+        --defenses none epic-0.2 --num_threads 1 --output_dir bench_out/digits
 
     # EPIC against the loss/confidence baselines on gradient matching only
     .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
         --defenses none epic-0.2 random high-loss low-confidence --output_dir bench_out/gm
 
-    # a stronger gradient-matching budget through the attack's own arguments
+    # the paper's 1 % / 16/255 gradient matching instead of the offline preset
     .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
-        --attack_kwargs '{"gradient_matching": {"epsilon": 0.0627, "budget": 0.02}}' --output_dir bench_out/gm16
+        --attack_kwargs '{"gradient_matching": {"epsilon": 0.0627, "budget": 0.01}}' --output_dir bench_out/gm16
 
-    # a real dataset (needs the internet; the same code path)
-    .venv/bin/python recipes/benchmark.py --dataset cifar10 --model cnn --image_size 32 --trials 12 \\
-        --epochs 40 --output_dir bench_out/cifar10
+    # the earlier, harder offline setting (32x32 colour digits on textures, 4,314 rows; ~2 min a cell)
+    .venv/bin/python recipes/benchmark.py --digits_variant hard --image_size 32 --num_channels 3 \\
+        --epochs 12 --optimizer sgd --learning_rate 0.05 --weight_decay 5e-4 --batch_size 128 \\
+        --epic_stop none --attack_kwargs '{}' --trials 12 --output_dir bench_out/hard_digits
+
+    # a real dataset (needs the internet; the same code path; the field's from-scratch training and
+    # EPIC's 40-epoch schedule; attacks at their own defaults: 1 %, 16/255)
+    .venv/bin/python recipes/benchmark.py --dataset cifar10 --model cnn --image_size 32 --num_channels 3 \\
+        --optimizer sgd --learning_rate 0.1 --weight_decay 5e-4 --batch_size 128 --epochs 40 \\
+        --epic_start 10 --epic_interval 2 --epic_stop none --trials 12 --output_dir bench_out/cifar10
 
     # only rewrite the report from the records already there (every cell done -> no training)
-    .venv/bin/python recipes/benchmark.py --trials 12 --output_dir bench_out/digits
+    .venv/bin/python recipes/benchmark.py --trials 12 --attacks gradient_matching \\
+        --defenses none epic-0.2 clean-control --output_dir bench_out/digits
 """
 
 from __future__ import annotations
@@ -69,6 +81,16 @@ def _trials(text: str) -> list[int]:
     if count < 1:
         raise argparse.ArgumentTypeError(f"--trials {count}: pass at least 1.")
     return list(range(count))
+
+
+def _optional_int(text: str) -> int | None:
+    """Parse ``--epic_stop``: an epoch number, or ``none`` for rounds until the end of training."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass an epoch number or 'none'.") from None
 
 
 def _json_dict(text: str) -> dict:
@@ -110,17 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_size", type=int, default=defaults.test_size, help="first N test rows")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=defaults.optimizer)
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--finetune_learning_rate", type=float, default=defaults.finetune_learning_rate)
     parser.add_argument("--pretrain_epochs", type=int, default=defaults.pretrain_epochs)
     parser.add_argument("--epic_interval", type=int, default=defaults.epic_interval)
     parser.add_argument("--epic_start", type=int, default=defaults.epic_start)
     parser.add_argument(
+        "--epic_stop",
+        type=_optional_int,
+        default=defaults.epic_stop,
+        help="no EPIC round once this many epochs are done ('none': rounds until the end)",
+    )
+    parser.add_argument(
         "--baseline_reference",
         choices=("epic-0.1", "epic-0.2", "epic-0.3"),
         default=defaults.baseline_reference,
     )
-    parser.add_argument("--attack_kwargs", type=_json_dict, default={}, help="JSON: attack -> kwargs")
+    parser.add_argument(
+        "--attack_kwargs",
+        type=_json_dict,
+        default=None,
+        help="JSON: attack -> kwargs (default: hf_epic.harness.DIGITS_ATTACK_KWARGS on digits, else {})",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--num_workers", type=int, default=defaults.num_workers)
     parser.add_argument("--progress", action="store_true", help="show crafting/training progress bars")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_epic.harness import (
+    DIGITS_ATTACK_KWARGS,
     RESULTS_FILE,
     HarnessConfig,
     ResultStore,
@@ -52,6 +53,22 @@ def test_config_rejects_bad_settings_before_training():
         HarnessConfig(epochs=0)
     with pytest.raises(ValueError, match="sgd"):
         HarnessConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="epic_stop"):
+        HarnessConfig(epic_start=4, epic_stop=4)
+    with pytest.raises(ValueError, match="attack_kwargs"):
+        HarnessConfig(attack_kwargs={"badnets": 0.05})
+
+
+def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
+    config = HarnessConfig()
+    assert config.dataset == "digits" and config.attack_kwargs == DIGITS_ATTACK_KWARGS
+    assert config.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(32 / 255)
+    config.attack_kwargs["gradient_matching"]["budget"] = 0.5  # must not leak into the next config
+    assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.05
+    # other datasets get each attack's own defaults; an explicit dict (even empty) is kept as given
+    assert HarnessConfig(dataset="cifar10").attack_kwargs == {}
+    assert HarnessConfig(attack_kwargs={}).attack_kwargs == {}
+    assert HarnessConfig().to_dict()["attack_kwargs"] == DIGITS_ATTACK_KWARGS  # recorded, JSON-ready
 
 
 def test_run_benchmark_rejects_unknown_names(tmp_path):
@@ -207,8 +224,29 @@ def test_cli_parses_trial_selections():
     assert parser.parse_args(["--trials", "0,5"]).trials == [0, 5]
     args = parser.parse_args(["--attack_kwargs", '{"badnets": {"budget": 0.05}}'])
     assert args.attack_kwargs == {"badnets": {"budget": 0.05}}
+    args = parser.parse_args(["--optimizer", "sgd", "--weight_decay", "0.1", "--epic_stop", "6"])
+    assert (args.optimizer, args.weight_decay, args.epic_stop) == ("sgd", 0.1, 6)
+    assert parser.parse_args([]).attack_kwargs is None  # -> the digits preset in HarnessConfig
+    assert parser.parse_args(["--epic_stop", "none"]).epic_stop is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--epic_stop", "ten"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--defenses", "epic"])
+
+
+def test_epic_stop_ends_the_rounds(tmp_path):
+    from hf_epic.harness import craft_or_load, load_benchmark_dataset, run_cell
+
+    rounds = {}
+    for stop in (None, 2):
+        config = HarnessConfig(**{**SMALL, "epochs": 3, "epic_stop": stop})
+        splits = load_benchmark_dataset(config)
+        poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
+        record = run_cell(
+            0, "badnets", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / str(stop)
+        )
+        rounds[stop] = record["round_epochs"]
+    assert rounds == {None: [1, 2], 2: [1]}
 
 
 def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(tmp_path):
