@@ -7,9 +7,11 @@ memory budget. Nothing here materialises more than a small block of the kernel.
 Cells
 -----
 The class's rows are split into *cells* of at most ``leaf`` rows by a k-d tree (each cell
-with more rows is halved at the median of its widest coordinate, level by level). Cell ``b``
-has a centre ``mu_b`` (the mean of its rows) and a radius ``rho_b`` (the largest distance of
-a row to the centre).
+with more rows is halved at the median of its widest coordinate, level by level), inside
+*groups* of about ``_GROUP`` cells built the same way. Cell ``b`` has a centre ``mu_b`` (the
+mean of its rows) and a radius ``rho_b`` (the largest distance of a row to the centre); so has
+every group. One outlier would make its cell's radius, and so its test below, useless: cells
+and groups much wider than the median cell are split further, down to single rows.
 
 Reach
 -----
@@ -22,7 +24,9 @@ while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle inequalit
     ||mu_b - g_c|| - rho_b < R_b,                                              (1)
 
 so a gain, and the rows a new medoid takes over, need only the rows of the cells that pass
-(1). As medoids accumulate, reaches shrink to the distance from a row to its medoid and each
+(1) (tested on groups first, then on the cells of the groups that pass). While most rows can
+still contribute (the first steps), a gain is computed over all rows in contiguous blocks
+instead, which is cheaper than gathering nearly every cell. As medoids accumulate, reaches shrink to the distance from a row to its medoid and each
 evaluation touches a small neighbourhood instead of the whole class. The test carries
 margins for the float32 rounding of similarities and the rounding of distances, so it never
 prunes a row that contributes: the gains are exactly those of the dense computation (sums of
