@@ -81,10 +81,9 @@ products may round differently; with float64 distances, ``D <= 64``, they agree 
 practice). Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
 class-centred data) and in float32 above. On the CPU the work runs on one intra-op thread
 (torch's thread pool costs more than it gains on the many small operations, and spins
-badly on a loaded machine); instead, when torch is configured for two threads, one thread
-builds the next class's kernel while the other runs the greedy of the previous one, and with
-more threads that many classes are processed concurrently, each with its share of the memory
-budget.
+badly on a loaded machine); instead, when torch is configured for several threads, classes
+are processed concurrently: one thread at a time runs greedy steps (they hold the GIL) while
+the others build the next classes' kernels, each kernel within its share of the memory budget.
 """
 
 from __future__ import annotations
@@ -95,7 +94,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,9 +115,6 @@ _PRUNE_MARGIN = 1e-5
 _SLOW_EXACT_ROWS = 50_000
 # Stochastic greedy on classes of at least this many rows without a dense kernel uses cells.
 _CELLS_MIN_ROWS = 12_000
-# With several CPU threads, at most one runs greedy steps while the others build kernels
-# (see _scheduled); False: one class per thread.
-_SCHEDULER = True
 # Blocks up to this many elements are processed in one piece.
 _SMALL_BLOCK = 1 << 15
 
@@ -670,33 +665,24 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 
 def _select_class(
-    x: torch.Tensor,
+    kernel: _Kernel,
     fraction: float,
-    metric: str,
     greedy: str,
     generator: torch.Generator,
     epsilon: float,
     budget_bytes: int,
-    workspace: list[torch.Tensor] | None = None,
-    kernel: _Kernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy facility location on one class; returns (medoids, assignment) as class positions.
-
-    ``kernel`` is the class's kernel when it was already built (by the pipeline of
-    :func:`_find_isolated`); otherwise it is built here, in ``workspace``.
-    """
-    n = int(x.shape[0])
+    """Greedy facility location on one class's kernel; returns (medoids, assignment) as class positions."""
+    n = kernel.n
+    metric = kernel.metric
+    cpu = kernel.device.type == "cpu"
     budget = class_budget(fraction, n)
-    if kernel is None:
-        kernel = _Kernel(x, metric, budget_bytes, workspace)
     # stochastic greedy on a large class without a dense kernel, on the CPU: prune with cells
     # (hf_epic.cells); below _CELLS_MIN_ROWS, and for exact greedy at any size, the tiled
     # incremental path is faster (measured: 0.9 vs 1.6 s at 8,000 rows; exact greedy 5.7 vs
     # 11.4 s at 20,000 rows)
-    cells = (
-        metric == "euclidean" and kernel.matrix is None and x.device.type == "cpu" and n >= _CELLS_MIN_ROWS
-    )
-    if greedy != "stochastic" and kernel.matrix is None and x.device.type == "cpu" and n >= _SLOW_EXACT_ROWS:
+    cells = metric == "euclidean" and kernel.matrix is None and cpu and n >= _CELLS_MIN_ROWS
+    if greedy != "stochastic" and kernel.matrix is None and cpu and n >= _SLOW_EXACT_ROWS:
         logger.warning(
             "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
             "O(n^2) similarities on the CPU, which takes minutes (about a quarter of an hour at 200,000 "
@@ -715,10 +701,10 @@ def _select_class(
             order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
     else:
         order, assign = _greedy_incremental(kernel, budget)
-    medoids = torch.tensor(order, dtype=torch.int64, device=x.device)
+    medoids = torch.tensor(order, dtype=torch.int64, device=kernel.device)
     if assign is None:
-        assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
-        missing = torch.arange(n, device=x.device)
+        assign = torch.full((n,), -1, dtype=torch.int64, device=kernel.device)
+        missing = torch.arange(n, device=kernel.device)
     else:
         missing = (assign < 0).nonzero().squeeze(1)
     for start in range(0, int(missing.numel()), kernel.tile_rows):
@@ -897,17 +883,6 @@ def _find_isolated(
     if workers > 1 and not _tile_plan(max(counts), budget_bytes // workers)[1]:
         workers = 1
     share = budget_bytes // workers
-    local = threading.local()
-
-    def run(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hasattr(local, "workspace"):
-            local.workspace = []  # the dense kernel's memory, reused class after class
-        rows = order[starts[k] : starts[k] + counts[k]]
-        generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
-        med, assign = _select_class(
-            emb[rows], float(fraction), metric, greedy, generator, epsilon, share, local.workspace
-        )
-        return rows[med], rows[assign]
 
     def build(k: int, workspace: list[torch.Tensor]) -> _Kernel:
         rows = order[starts[k] : starts[k] + counts[k]]
@@ -916,19 +891,15 @@ def _find_isolated(
     def finish(k: int, kernel: _Kernel) -> tuple[torch.Tensor, torch.Tensor]:
         rows = order[starts[k] : starts[k] + counts[k]]
         generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
-        med, assign = _select_class(
-            emb[rows], float(fraction), metric, greedy, generator, epsilon, share, kernel=kernel
-        )
+        med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share)
         return rows[med], rows[assign]
 
     by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
-    if workers > 1 and _SCHEDULER:
+    if workers > 1:
         done = _scheduled(by_size, build, finish, workers)
-    elif workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            done = dict(zip(by_size, pool.map(run, by_size)))
     else:
-        done = {k: run(k) for k in by_size}
+        workspace: list[torch.Tensor] = []  # the dense kernel's memory, reused class after class
+        done = {k: finish(k, build(k, workspace)) for k in by_size}
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
     for k, label in enumerate(classes.tolist()):
