@@ -140,27 +140,18 @@ class Cells:
         # Outliers (rows far from everything) would make their cell or group wide, so that it
         # passes every test: cells and groups much wider than is typical are split further,
         # down to single rows.
-        typical = float(_cell_widths(x64, _kd_cells(x64, leaf)).median())
+        first = _kd_cells(x64, leaf)
+        typical = float(_extents(x64, first, int(first.max()) + 1)[0].median())
         group = _kd_cells(x64, leaf * _GROUP, max_width=_GROUP_WIDTH * typical)
         cell = _kd_cells(x64, leaf, start=group, max_width=_CELL_WIDTH * typical)
         k = int(cell.max()) + 1
-        order = torch.argsort(cell, stable=True)
-        counts = torch.bincount(cell, minlength=k)
         self.num_cells = k
         self.cell_of = cell
         # members[b] = rows of cell b, padded with the sentinel row n
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(n) - starts[cell[order]]
-        members = torch.full((k, width), n, dtype=torch.int64)
-        members[cell[order], slot] = order
+        members = _padded_members(cell, k, fill=n)
+        width = members.shape[1]
         self.members = members
-        self.center = torch.zeros(k, x64.shape[1], dtype=torch.float64).index_add_(0, cell, x64)
-        self.center /= counts[:, None].to(torch.float64)
-        dist = (x64 - self.center[cell]).norm(dim=1)
-        radius = torch.zeros(k, dtype=torch.float64).scatter_reduce_(
-            0, cell, dist, "amax", include_self=False
-        )
+        self.center, radius = _balls(x64, cell, k)
         self.center_sq = (self.center * self.center).sum(dim=1)
         # Distances in the kernel and here carry rounding errors; this absolute slack covers
         # them (cancellation in ||a||^2 + ||b||^2 - 2ab scales with the largest squared norm).
@@ -184,25 +175,12 @@ class Cells:
         # groups: centre, radius, their cells (padded with the sentinel k) and reach
         num_groups = int(group.max()) + 1
         self.group_of_cell = torch.zeros(k, dtype=torch.int64).index_copy_(0, cell, group)
-        gcounts = torch.bincount(group, minlength=num_groups)
-        self.group_center = torch.zeros(num_groups, x64.shape[1], dtype=torch.float64).index_add_(
-            0, group, x64
-        )
-        self.group_center /= gcounts[:, None].to(torch.float64)
-        gdist = (x64 - self.group_center[group]).norm(dim=1)
-        gradius = torch.zeros(num_groups, dtype=torch.float64).scatter_reduce_(
-            0, group, gdist, "amax", include_self=False
-        )
+        self.group_center, gradius = _balls(x64, group, num_groups)
         self.group_radius = gradius * (1.0 + 1e-6) + self.slack
         self.group_center_sq = (self.group_center * self.group_center).sum(dim=1)
-        cells_per_group = torch.bincount(self.group_of_cell, minlength=num_groups)
-        by_group = torch.argsort(self.group_of_cell, stable=True)
-        gstarts = torch.cumsum(cells_per_group, 0) - cells_per_group
-        gslot = torch.arange(k) - gstarts[self.group_of_cell[by_group]]
-        self.group_cells = torch.full((num_groups, int(cells_per_group.max())), k, dtype=torch.int64)
-        self.group_cells[self.group_of_cell[by_group], gslot] = by_group
+        self.group_cells = _padded_members(self.group_of_cell, num_groups, fill=k)
         self.group_reach = torch.full((num_groups,), math.inf, dtype=torch.float64)
-        self.group_size = gcounts
+        self.group_size = torch.bincount(group, minlength=num_groups)
 
     @property
     def assign(self) -> torch.Tensor:
@@ -258,10 +236,15 @@ class Cells:
         d2 = (self.cell_sq.index_select(0, cell) + self.sq.index_select(0, cands)[:, None]).sub_(
             dot, alpha=2.0
         )
+        s = self._to_similarity(d2)
+        return s.masked_fill_(self.members.index_select(0, cell) == cands[:, None], 1.0)
+
+    def _to_similarity(self, d2: torch.Tensor) -> torch.Tensor:
+        """``exp(-sqrt(d2) / D)`` in float32, quantised as the kernel's (``d2`` is overwritten)."""
         s = d2.clamp_min_(0.0).to(torch.float32).sqrt_().mul_(-self.inv_dim).exp_()
         if self.needs_rounding:
             s.mul_(2.0**24).round_().div_(2.0**24)
-        return s.masked_fill_(self.members.index_select(0, cell) == cands[:, None], 1.0)
+        return s
 
     def _pairs_per_chunk(self) -> int:
         return max(1, self.chunk_elements // max(1, self.members.shape[1] * self.x.shape[1]))
@@ -303,9 +286,7 @@ class Cells:
         for a in range(0, k * width, step):
             b = min(k * width, a + step)
             d2 = torch.addmm(sq[a:b, None] + sqc[None, :], x[a:b], xct, alpha=-2.0)
-            s = d2.clamp_min_(0.0).to(torch.float32).sqrt_().mul_(-self.inv_dim).exp_()
-            if self.needs_rounding:
-                s.mul_(2.0**24).round_().div_(2.0**24)
+            s = self._to_similarity(d2)
             s.masked_fill_(rows[a:b, None] == cands[None, :], 1.0)
             out += s.sub_(cur[a:b, None]).clamp_min_(0.0).sum(dim=0, dtype=torch.float64)
         return out
@@ -351,10 +332,7 @@ def _kd_cells(
     num = int(cell.max()) + 1 if n else 1
     while True:
         counts = torch.bincount(cell, minlength=num)
-        index = cell[:, None].expand_as(x)
-        hi = torch.full((num, x.shape[1]), -math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amax")
-        lo = torch.full((num, x.shape[1]), math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amin")
-        width, axis = (hi - lo).max(dim=1)
+        width, axis = _extents(x, cell, num)
         big = (counts > leaf) | ((counts > 1) & (width > max_width))
         if not bool(big.any()):
             return cell
@@ -372,13 +350,33 @@ def _kd_cells(
         num += int(big.sum())
 
 
-def _cell_widths(x: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-    """Largest coordinate extent of every cell."""
-    num = int(cell.max()) + 1
+def _extents(x: torch.Tensor, cell: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest coordinate extent, its coordinate) of each of the ``num`` cells."""
     index = cell[:, None].expand_as(x)
     hi = torch.full((num, x.shape[1]), -math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amax")
     lo = torch.full((num, x.shape[1]), math.inf, dtype=x.dtype).scatter_reduce_(0, index, x, "amin")
-    return (hi - lo).max(dim=1).values
+    return (hi - lo).max(dim=1)
+
+
+def _balls(x: torch.Tensor, ids: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre (mean of its rows) and radius (largest row distance to it) of each of ``num`` parts."""
+    counts = torch.bincount(ids, minlength=num)
+    center = torch.zeros(num, x.shape[1], dtype=x.dtype).index_add_(0, ids, x)
+    center /= counts[:, None].to(x.dtype)
+    dist = (x - center[ids]).norm(dim=1)
+    radius = torch.zeros(num, dtype=x.dtype).scatter_reduce_(0, ids, dist, "amax", include_self=False)
+    return center, radius
+
+
+def _padded_members(ids: torch.Tensor, num: int, fill: int) -> torch.Tensor:
+    """``num x max_size`` table of the positions with each id (ascending), padded with ``fill``."""
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=num)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(ids.numel()) - starts[ids[order]]
+    table = torch.full((num, int(counts.max())), fill, dtype=torch.int64)
+    table[ids[order], slot] = order
+    return table
 
 
 def greedy_stochastic_cells(
