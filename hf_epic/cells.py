@@ -259,10 +259,10 @@ class Cells:
         """
         xc = self.x.index_select(0, cands).to(torch.float64)
         which, group = self._active_groups(xc)
-        out = torch.zeros(cands.numel(), dtype=torch.float64)
         if int(self.group_size.index_select(0, group).sum()) > _DENSE_SHARE * self.n * cands.numel():
             return self._dense_gains(cands)
         which, cell = self._active_cells(xc, which, group)
+        out = torch.zeros(cands.numel(), dtype=torch.float64)
         step = self._pairs_per_chunk()
         for a in range(0, int(which.numel()), step):
             w = which[a : a + step]
