@@ -117,6 +117,8 @@ _SLOW_EXACT_ROWS = 50_000
 _CELLS_MIN_ROWS = 12_000
 # Blocks up to this many elements are processed in one piece.
 _SMALL_BLOCK = 1 << 15
+# a dense greedy step that updates at least this many (rows x columns) is a large one (_DenseSteps)
+_HEAVY_STEP = 1 << 19
 
 
 @dataclass
@@ -555,15 +557,17 @@ def _greedy_incremental(
     """
     n = kernel.n
     dev = kernel.device
+    matrix = kernel.matrix
+    if generator is None and matrix is not None and dev.type == "cpu":
+        steps = _DenseSteps(kernel, budget)
+        steps.advance()
+        return steps.order, steps.assign
     # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
     gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     sampler = FreeSampler(n, generator) if generator is not None else None
     order: list[int] = []
-    matrix = kernel.matrix
-    if generator is None and matrix is not None and dev.type == "cpu":
-        return _greedy_dense_cpu(kernel, budget, gains, cur, assign), assign
     for _ in range(budget):
         if sampler is None:
             j = int(torch.argmax(gains))
@@ -601,48 +605,68 @@ def _greedy_incremental(
     return order, assign
 
 
-def _greedy_dense_cpu(
-    kernel: _Kernel, budget: int, gains: torch.Tensor, cur: torch.Tensor, assign: torch.Tensor
-) -> list[int]:
-    """The exact steps of :func:`_greedy_incremental` for a dense kernel on the CPU.
+class _DenseSteps:
+    """The exact steps of :func:`_greedy_incremental` for a dense kernel on the CPU, resumable.
 
     Identical arithmetic, but the many small late steps (a few updated rows each) go through
     numpy views of the same buffers: a numpy call costs about a microsecond, a torch call
     several, and a class of 5,000 rows at fraction 0.3 takes 1,500 such steps. Large steps
-    still use the torch paths. ``gains``, ``cur`` and ``assign`` are updated in place.
+    still use the torch paths.
+
+    The first steps of a flat kernel (every similarity near 1) update most rows each: a few
+    large tensor operations, which release the GIL. The later ones are many small calls, which
+    hold it. ``advance(heavy_only=True)`` runs steps until the next one would update fewer
+    than ``_HEAVY_STEP / n`` rows, so that the scheduler can run the large steps on the
+    thread that built the kernel while another thread runs the small steps of another class.
     """
-    n = kernel.n
-    matrix = kernel.matrix
-    assert matrix is not None
-    g, c, a, s = gains.numpy(), cur.numpy(), assign.numpy(), matrix.numpy()
-    order: list[int] = []
-    for _ in range(budget):
-        j = int(g.argmax())  # first maximum: ties to the lowest row, as torch.argmax
-        order.append(j)
-        gain = float(g[j])
-        g[j] = -math.inf
-        col = s[j]  # the kernel is exactly symmetric: row j is s(., j)
-        upd = np.flatnonzero(col > c)
-        m = int(upd.size)
-        if m == 0:
-            continue
-        old = c[upd]
-        new = col[upd]
-        if m * n <= _SMALL_BLOCK and gain < 0.999:
-            # float32 sums are exact here (see _greedy_incremental)
-            piece = s[upd]
-            piece -= old[:, None]
-            np.maximum(piece, 0.0, out=piece)
-            np.minimum(piece, (new - old)[:, None], out=piece)
-            g -= piece.sum(axis=0)
-        elif m == n and len(order) == 1 and kernel.metric == "euclidean":
-            gains -= kernel.column_sums(upper=torch.from_numpy(new))
-        else:
-            rows, old_t, new_t = torch.from_numpy(upd), torch.from_numpy(old), torch.from_numpy(new)
-            _update_gains(kernel, gains, rows, old_t, new_t, matrix[j], exact_in_float32=gain < 0.999)
-        c[upd] = new
-        a[upd] = j
-    return order
+
+    def __init__(self, kernel: _Kernel, budget: int) -> None:
+        assert kernel.matrix is not None and kernel.device.type == "cpu"
+        n = kernel.n
+        self.kernel = kernel
+        self.budget = budget
+        # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
+        self.cur = torch.zeros(n, dtype=torch.float32)
+        self.gains = kernel.column_sums(lower=self.cur if kernel.metric == "cosine" else None)
+        self.assign = torch.full((n,), -1, dtype=torch.int64)
+        self.order: list[int] = []
+
+    def advance(self, heavy_only: bool = False) -> None:
+        """Runs the remaining steps (with ``heavy_only``, only the large ones in front)."""
+        kernel = self.kernel
+        n = kernel.n
+        matrix = kernel.matrix
+        assert matrix is not None
+        gains, order = self.gains, self.order
+        g, c, a, s = gains.numpy(), self.cur.numpy(), self.assign.numpy(), matrix.numpy()
+        while len(order) < self.budget:
+            j = int(g.argmax())  # first maximum: ties to the lowest row, as torch.argmax
+            col = s[j]  # the kernel is exactly symmetric: row j is s(., j)
+            upd = np.flatnonzero(col > c)
+            m = int(upd.size)
+            if heavy_only and m * n < _HEAVY_STEP:
+                return
+            order.append(j)
+            gain = float(g[j])
+            g[j] = -math.inf
+            if m == 0:
+                continue
+            old = c[upd]
+            new = col[upd]
+            if m * n <= _SMALL_BLOCK and gain < 0.999:
+                # float32 sums are exact here (see _greedy_incremental)
+                piece = s[upd]
+                piece -= old[:, None]
+                np.maximum(piece, 0.0, out=piece)
+                np.minimum(piece, (new - old)[:, None], out=piece)
+                g -= piece.sum(axis=0)
+            elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+                gains -= kernel.column_sums(upper=torch.from_numpy(new))
+            else:
+                rows, old_t, new_t = torch.from_numpy(upd), torch.from_numpy(old), torch.from_numpy(new)
+                _update_gains(kernel, gains, rows, old_t, new_t, matrix[j], exact_in_float32=gain < 0.999)
+            c[upd] = new
+            a[upd] = j
 
 
 @contextlib.contextmanager
@@ -671,8 +695,12 @@ def _select_class(
     generator: torch.Generator,
     epsilon: float,
     budget_bytes: int,
+    steps: _DenseSteps | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy facility location on one class's kernel; returns (medoids, assignment) as class positions."""
+    """Greedy facility location on one class's kernel; returns (medoids, assignment) as class positions.
+
+    ``steps``: exact greedy already started on this kernel (:func:`_start_class`), resumed here.
+    """
     n = kernel.n
     metric = kernel.metric
     cpu = kernel.device.type == "cpu"
@@ -699,6 +727,9 @@ def _select_class(
             order, assign = greedy_stochastic_cells(kernel, budget, size, generator, budget_bytes)
         else:
             order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
+    elif steps is not None:
+        steps.advance()
+        order, assign = steps.order, steps.assign
     else:
         order, assign = _greedy_incremental(kernel, budget)
     medoids = torch.tensor(order, dtype=torch.int64, device=kernel.device)
@@ -712,6 +743,15 @@ def _select_class(
         sims = kernel.block(rows, medoids)
         assign[rows] = medoids[torch.argmax(sims, dim=1)]
     return medoids, assign
+
+
+def _start_class(kernel: _Kernel, fraction: float, greedy: str) -> _DenseSteps | None:
+    """Runs the large first steps of exact greedy on a dense CPU kernel (None on other paths)."""
+    if greedy != "lazy" or kernel.matrix is None or kernel.device.type != "cpu":
+        return None
+    steps = _DenseSteps(kernel, class_budget(fraction, kernel.n))
+    steps.advance(heavy_only=True)
+    return steps
 
 
 def _scheduled(
@@ -884,14 +924,16 @@ def _find_isolated(
         workers = 1
     share = budget_bytes // workers
 
-    def build(k: int, workspace: list[torch.Tensor]) -> _Kernel:
+    def build(k: int, workspace: list[torch.Tensor]) -> tuple[_Kernel, _DenseSteps | None]:
         rows = order[starts[k] : starts[k] + counts[k]]
-        return _Kernel(emb[rows], metric, share, workspace)
+        kernel = _Kernel(emb[rows], metric, share, workspace)
+        return kernel, _start_class(kernel, float(fraction), greedy)
 
-    def finish(k: int, kernel: _Kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(k: int, built: tuple[_Kernel, _DenseSteps | None]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = order[starts[k] : starts[k] + counts[k]]
         generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
-        med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share)
+        kernel, steps = built
+        med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share, steps)
         return rows[med], rows[assign]
 
     by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first

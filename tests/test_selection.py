@@ -352,3 +352,25 @@ def test_an_error_in_a_worker_thread_reaches_the_caller(monkeypatch):
             find_isolated(emb, labels, 0.2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_greedy_resumed_after_its_large_steps_equals_naive_greedy():
+    # one flat class of 1,200 rows: its first greedy steps update most rows (>= _HEAVY_STEP
+    # elements each); find_isolated runs them right after building the kernel (on a second
+    # thread, while another class's small steps run) and resumes the rest later
+    from hf_epic import selection
+
+    emb, _ = _gradient_like(1200, 3, 21)
+    kernel = selection._Kernel(emb, "euclidean", 1 << 30)
+    budget = 40
+    started = selection._DenseSteps(kernel, budget)
+    started.advance(heavy_only=True)
+    assert 1 <= len(started.order) < budget  # some large steps ran, not all steps
+    started.advance()
+    naive = selection._greedy_naive(kernel, budget)
+    assert started.order == naive
+    whole = selection._DenseSteps(kernel, budget)
+    whole.advance()
+    assert whole.order == naive and torch.equal(whole.assign, started.assign)
+    result = find_isolated(emb, torch.zeros(len(emb), dtype=torch.long), budget / len(emb))
+    assert result.medoids.tolist() == naive
