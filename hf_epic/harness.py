@@ -53,6 +53,13 @@ DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
     # the 2 % lowest-margin digits (measured: 41.7 % over 12 trials, docs/BENCHMARK_RESULTS.md). Such
     # targets can flip without any poison (8.3 % there): the ``clean-control`` defense measures it.
     "gradient_matching": {"budget": 0.05, "epsilon": 32 / 255, "target_pool_fraction": 0.02},
+    # Bullseye Polytope (transfer) at its own 1 % / 16/255 got 41.7 % over 12 trials with targets from
+    # the 10 % lowest-margin test digits: the polytope reached the target's feature (relative distance
+    # < 0.01) in every trial, but the retrained head did not always fit the 14 poisons, which sit among
+    # the target class in feature space. With targets from the 2 % lowest-margin digits (32/255 and
+    # in-crafting shifts changed nothing in pilots): 91.7 % over 12 trials, clean control 25.0 %
+    # (docs/BENCHMARK_RESULTS.md).
+    "bullseye_polytope": {"target_pool_fraction": 0.02},
     "sleeper_agent": {"budget": 0.05, "epsilon": 32 / 255},
 }
 """Per-attack arguments of the offline default (``dataset="digits"``, ``attack_kwargs=None``)."""
@@ -348,7 +355,9 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``asr_evaluated``, ``clean_accuracy`` (mean) and ``clean_accuracy_std``, ``num_poisons``,
         ``poisons_dropped``, ``poison_recall``, ``clean_dropped``, ``clean_dropped_fraction`` (means) and
         ``wall_seconds`` (training and scoring, mean per trial) and ``craft_seconds`` (crafting the
-        trial's poisons, shared by its defenses).
+        trial's poisons, shared by its defenses) and ``target_margin`` (targeted attacks: the mean of
+        the targets' poison-class logit minus their largest other logit, see :func:`target_margins`,
+        over the records that have them; NaN for backdoors).
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
@@ -386,6 +395,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "clean_dropped_fraction": _mean([r["clean_dropped_fraction"] for r in group]),
                 "wall_seconds": _mean([r["wall_seconds"] for r in group]),
                 "craft_seconds": _mean([r.get("craft_seconds", float("nan")) for r in group]),
+                "target_margin": _mean([m for r in group for m in (r.get("target_margins") or [])]),
             }
         )
     return rows
@@ -692,6 +702,29 @@ def _transform(config: HarnessConfig, augment: bool, seed: int | None = None) ->
 
 
 @torch.no_grad()
+def predict_logits(model: Any, ds: Any, config: HarnessConfig, batch_size: int = 256) -> torch.Tensor:
+    """Logits ``(rows, classes)`` of every row of an image dataset (no augmentation), on the CPU.
+
+    Args:
+        model: a trained classifier returning ``logits``.
+        ds: dataset with an ``image`` column (not modified).
+        config: harness settings (image size and channels).
+        batch_size: rows per forward pass.
+    """
+    view = ds.select_columns(["image"]).with_transform(_transform(config, augment=False))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(view), batch_size):
+            rows = view[start : start + batch_size]
+            pixels = torch.stack(rows["pixel_values"]).to(device)
+            chunks.append(model(pixel_values=pixels).logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
 def predict_classes(model: Any, ds: Any, config: HarnessConfig, batch_size: int = 256) -> list[int]:
     """Predicted class of every row of an image dataset (no augmentation).
 
@@ -706,17 +739,17 @@ def predict_classes(model: Any, ds: Any, config: HarnessConfig, batch_size: int 
     """
     if len(ds) == 0:
         return []
-    view = ds.select_columns(["image"]).with_transform(_transform(config, augment=False))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    predictions: list[int] = []
-    for start in range(0, len(view), batch_size):
-        rows = view[start : start + batch_size]
-        pixels = torch.stack(rows["pixel_values"]).to(device)
-        predictions += model(pixel_values=pixels).logits.argmax(-1).tolist()
-    model.train(was_training)
-    return predictions
+    return predict_logits(model, ds, config, batch_size).argmax(-1).tolist()
+
+
+def target_margins(logits: torch.Tensor, poison_class: int) -> list[float]:
+    """Per row: the poison class's logit minus the largest other logit (> 0: the row is in the poison
+    class). A continuous view of a targeted attack's success: the poison's effect on one trial is the
+    difference between this margin with the poisons and without them (``clean-control``).
+    """
+    others = logits.clone()
+    others[:, poison_class] = -math.inf
+    return (logits[:, poison_class] - others.max(1).values).tolist()
 
 
 @contextlib.contextmanager
@@ -757,7 +790,9 @@ def _score_attack(model: Any, spec: Any, test_ds: Any, config: HarnessConfig) ->
         kind = "backdoor"
     else:
         targets = test_ds.select(spec.target_indices)
-        predictions = predict_classes(model, targets, config)
+        logits = predict_logits(model, targets, config)
+        predictions = logits.argmax(-1).tolist()
+        margins = target_margins(logits, int(spec.poison_class))
         metric = load_metric("attack_success_rate", config_name="targeted")
         out = metric.compute(predictions=predictions, references=[spec.poison_class] * len(predictions))
         kind = "targeted"
@@ -767,6 +802,7 @@ def _score_attack(model: Any, spec: Any, test_ds: Any, config: HarnessConfig) ->
         "num_success": out["num_success"],
         "num_evaluated": out["num_evaluated"],
         "target_predictions": predictions if kind == "targeted" else None,
+        "target_margins": margins if kind == "targeted" else None,
     }
 
 

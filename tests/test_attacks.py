@@ -177,11 +177,19 @@ def test_feature_space_attacks(data, surrogate, craft, objective):
     assert all(p.requires_grad for p in surrogate.parameters())
 
 
-def test_gradient_matching_smallest_target_pool_takes_the_lowest_margin_target(data, surrogate):
+@pytest.mark.parametrize(
+    "craft, extra",
+    [
+        (craft_gradient_matching, {"restarts": 1}),
+        (craft_bullseye_polytope, {}),
+        (craft_feature_collision, {}),
+    ],
+)
+def test_smallest_target_pool_takes_the_lowest_margin_target(data, surrogate, craft, extra):
     train, test = data
-    _, spec = craft_gradient_matching(
-        train, target_ds=test, target_pool_fraction=1e-9, budget=0.01, model=surrogate, steps=1, restarts=1,
-        progress=False, seed=4,
+    _, spec = craft(
+        train, target_ds=test, target_pool_fraction=1e-9, budget=0.01, model=surrogate, steps=1,
+        progress=False, seed=4, **extra,
     )  # fmt: skip
     # by hand: among the test rows the surrogate gets right, the one with the smallest margin over its
     # runner-up class (the pool has one row, so the seed cannot matter)
@@ -348,6 +356,8 @@ def test_bad_input_is_caught_before_training(data):
         craft_feature_collision(train, target_ds=None)
     with pytest.raises(ValueError, match="setting"):
         craft_bullseye_polytope(train, target_ds=test, setting="frozen")
+    with pytest.raises(ValueError, match="target_pool_fraction"):
+        craft_bullseye_polytope(train, target_ds=test, target_pool_fraction=0.0)
 
 
 def test_trigger_stamping_and_random_location():

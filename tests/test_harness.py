@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hf_epic.harness import (
     cell_key,
     run_benchmark,
     summarize,
+    target_margins,
     write_report,
 )
 
@@ -115,7 +117,17 @@ def test_summarize_pools_asr_and_averages_the_rest():
     assert gm["clean_accuracy"] == pytest.approx(0.8) and gm["clean_accuracy_std"] == pytest.approx(0.1)
     bd = rows[2]
     assert bd["attack_success_rate"] == pytest.approx(40 / 100)  # pooled, not the mean of 0.75 and 1/6
+    assert math.isnan(bd["target_margin"]) and math.isnan(gm["target_margin"])  # none recorded
+    records[0]["target_margins"], records[1]["target_margins"] = [1.5], [-0.5]
+    assert summarize(records)[0]["target_margin"] == pytest.approx(0.5)  # the third record has none
     assert bd["poisons_dropped"] == pytest.approx(6) and bd["poison_recall"] == pytest.approx(0.6)
+
+
+def test_target_margins_are_the_poison_logit_over_the_best_other():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
+    # poison class 1: row 0 is in it by 1.0; row 1 misses it by 2.0; a tie is a margin of 0
+    assert target_margins(logits, 1) == pytest.approx([1.0, -2.0, 0.0])
+    assert [m > 0 for m in target_margins(logits, 0)] == [False, True, False]
 
 
 def test_write_report_writes_markdown_json_and_png(tmp_path):
@@ -335,6 +347,11 @@ def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_feature
         initial_model=victim, setting="transfer",
     )  # fmt: skip
     assert record["setting"] == "transfer" and record["attack_kind"] == "targeted"
+    # the recorded margin says the same as the prediction (> 0 exactly when the target is in the poison class)
+    assert len(record["target_margins"]) == len(spec.target_indices)
+    assert [m > 0 for m in record["target_margins"]] == [
+        p == spec.poison_class for p in record["target_predictions"]
+    ]
     head = {id(p) for p in classifier_layer(victim).parameters()}
     names = {n for n, p in victim.named_parameters() if id(p) in head}
     after = victim.state_dict()

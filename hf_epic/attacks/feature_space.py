@@ -73,6 +73,7 @@ def craft_feature_space_attack(
     poison_class: int | None = None,
     num_targets: int = 1,
     target_selection: str = "low_margin",
+    target_pool_fraction: float = 0.1,
     budget: float = 0.01,
     epsilon: float = 16 / 255,
     model: torch.nn.Module | None = None,
@@ -108,6 +109,9 @@ def craft_feature_space_attack(
         poison_class: class the targets should be classified as; None: the first target's runner-up.
         num_targets: number of targets when they are chosen here (their mean feature is the aim).
         target_selection: ``"low_margin"`` or ``"random"``.
+        target_pool_fraction: with ``"low_margin"``, the target is drawn among this share of the correctly
+            classified candidates with the smallest surrogate margin (smaller: more ambiguous targets,
+            which also flip more often without any poison; measure that with a clean control).
         budget: poisons as a fraction of the training set, in (0, 1).
         epsilon: l_inf bound in [0, 1] pixel units.
         model: the pretrained feature extractor / classifier whose penultimate features are attacked
@@ -143,6 +147,8 @@ def craft_feature_space_attack(
         raise ValueError(f"setting={setting!r}: use 'transfer' (frozen features) or 'finetune'.")
     if target_selection not in ("low_margin", "random"):
         raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
+    if not 0 < target_pool_fraction <= 1:
+        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
     if poison_selection not in ("nearest", "random"):
         raise ValueError(f"poison_selection={poison_selection!r}: use 'nearest' or 'random'.")
     if poison_class is not None:
@@ -169,6 +175,7 @@ def craft_feature_space_attack(
             num_targets=num_targets,
             poison_class=poison_class,
             strategy=target_selection,
+            pool_fraction=target_pool_fraction,
             seed=seed,
             image_column=t_img,
             label_column=t_lab,
@@ -244,6 +251,7 @@ def craft_feature_space_attack(
         "step_size": step_size,
         "poison_selection": poison_selection,
         "target_selection": target_selection if chosen_here else "given",
+        "target_pool_fraction": target_pool_fraction,
         "surrogate": surrogate_info,
         "feature_loss_initial": initial,
         "feature_loss_final": final,
