@@ -374,3 +374,38 @@ def test_greedy_resumed_after_its_large_steps_equals_naive_greedy():
     assert whole.order == naive and torch.equal(whole.assign, started.assign)
     result = find_isolated(emb, torch.zeros(len(emb), dtype=torch.long), budget / len(emb))
     assert result.medoids.tolist() == naive
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_cuda_lazy_equals_naive_and_agrees_with_cpu(metric):
+    emb, labels = _gradient_like(900, 3, 31)
+    on_gpu = find_isolated(emb.cuda(), labels.cuda(), 0.2, metric=metric)
+    naive = find_isolated(emb.cuda(), labels.cuda(), 0.2, metric=metric, greedy="naive")
+    tiled = find_isolated(emb.cuda(), labels.cuda(), 0.2, metric=metric, memory_budget_mb=0.5)
+    for other in (naive, tiled):
+        assert torch.equal(on_gpu.medoids, other.medoids)
+        assert torch.equal(on_gpu.assignment, other.assignment)
+    assert on_gpu.medoids.device.type == "cpu" and on_gpu.dropped.device.type == "cpu"
+    _check_consistent(on_gpu, labels)
+    # the GPU's exp/sqrt may round differently from the CPU's in the last bit: near-exact agreement
+    on_cpu = find_isolated(emb, labels, 0.2, metric=metric)
+    a, b = set(on_gpu.dropped.tolist()), set(on_cpu.dropped.tolist())
+    assert len(a & b) >= 0.95 * len(a | b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_stochastic_reproducible_and_planted_points_found():
+    x = _clustered(n_per_cluster=20, clusters=30, dim=8, isolated=12, seed=4).float()
+    labels = torch.zeros(len(x), dtype=torch.long)
+    first = find_isolated(x.cuda(), labels.cuda(), 0.1, greedy="stochastic", seed=5)
+    second = find_isolated(x.cuda(), labels.cuda(), 0.1, greedy="stochastic", seed=5)
+    assert torch.equal(first.medoids, second.medoids)
+    planted = set(range(len(x) - 12, len(x)))
+    exact = find_isolated(x.cuda(), labels.cuda(), 0.1)
+    assert planted <= set(exact.dropped.tolist())
