@@ -82,8 +82,10 @@ practice). Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^
 class-centred data) and in float32 above. On the CPU the work runs on one intra-op thread
 (torch's thread pool costs more than it gains on the many small operations, and spins
 badly on a loaded machine); instead, when torch is configured for several threads, classes
-are processed concurrently: one thread at a time runs greedy steps (they hold the GIL) while
-the others build the next classes' kernels, each kernel within its share of the memory budget.
+are processed concurrently: one thread at a time runs the small greedy steps (they hold the
+GIL) while the others build the next classes' kernels, each within its share of the memory
+budget, and run each new kernel's first, large greedy steps (a few big tensor operations, which
+release the GIL) before handing the class over.
 """
 
 from __future__ import annotations
