@@ -16,7 +16,10 @@ Defenses (``DEFENSES``):
   (``HarnessConfig.baseline_reference``, EPIC-0.2 by default), which is run first when missing;
 * ``clean-control`` - not a defense: undefended training on the CLEAN training set, scored on the same
   targets / triggered images. Its "ASR" is how often the target (or a triggered image) lands in the
-  poison class without any poison - low-margin targets can, so read the attacks' ASR against it.
+  poison class without any poison - low-margin targets can, so read the attacks' ASR against it;
+* ``clean-epic-0.2`` - not a defense either: EPIC-0.2 (same schedule) on the CLEAN training set. Its
+  "ASR" is how often EPIC's own drops put the target in the poison class, which the ``epic-0.2`` cells
+  include (EPIC drops clean rows near a low-margin target too).
 
 :func:`summarize` aggregates the records per (attack, defense) and :func:`write_report` writes
 ``results.md``, ``results.json`` and ``results.png``. The command line is ``recipes/benchmark.py``.
@@ -44,15 +47,23 @@ ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision", "sleep
 EPIC_DEFENSES = ("epic-0.1", "epic-0.2", "epic-0.3")
 BASELINE_DEFENSES = ("random", "high-loss", "low-confidence")
 CONTROL = "clean-control"
-DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES, CONTROL)
+CLEAN_EPIC = "clean-epic-0.2"
+"""EPIC-0.2 on the clean set: how often EPIC's own drops put the target in the poison class."""
+CLEAN_SETS = (CONTROL, CLEAN_EPIC)
+DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES, CONTROL, CLEAN_EPIC)
 RESULTS_FILE = "results.jsonl"
 DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
-    # Against the 99 %-accurate 40-epoch victim on the plain digits, gradient matching at 1-5 % and
-    # 16/255-32/255 succeeded in 0 of 10 pilot trials (9 with targets from the 10 % lowest-margin
-    # test digits, 1 from the 2 % at a 1 % budget); the offline setting therefore uses half the poison class (5 %), 32/255 and targets from
-    # the 2 % lowest-margin digits (measured: 41.7 % over 12 trials, docs/BENCHMARK_RESULTS.md). Such
-    # targets can flip without any poison (8.3 % there): the ``clean-control`` defense measures it.
-    "gradient_matching": {"budget": 0.05, "epsilon": 32 / 255, "target_pool_fraction": 0.02},
+    # Gradient matching against the 99 %-accurate 40-epoch victim on the plain digits: at 16/255-32/255
+    # the poisons moved the target's margin by far less than its seed-to-seed spread (1 % budget: 0 of
+    # 10 pilot trials; 5 % / 32/255: 41.7 % over 12 trials, clean control 8.3 %). At 64/255 (4x the
+    # paper's 16/255; visible on 16x16 digits) 1 % suffices: 75.0 % over 12 trials, clean control
+    # 8.3 %, with targets from the 2 % lowest-margin test digits and 2 restarts (docs/BENCHMARK_RESULTS.md).
+    "gradient_matching": {
+        "budget": 0.01,
+        "epsilon": 64 / 255,
+        "target_pool_fraction": 0.02,
+        "restarts": 2,
+    },
     # Bullseye Polytope (transfer) at its own 1 % / 16/255 got 41.7 % over 12 trials with targets from
     # the 10 % lowest-margin test digits: the polytope reached the target's feature (relative distance
     # < 0.01) in every trial, but the retrained head did not always fit the 14 poisons, which sit among
@@ -826,7 +837,7 @@ def run_cell(
         attack: attack name (recorded).
         defense: one of ``DEFENSES``.
         poisoned: the poisoned training set (with ``is_poison``; not modified); for ``clean-control``
-            the clean set with an all-False ``is_poison``.
+            and ``clean-epic-0.2`` the clean set with an all-False ``is_poison``.
         spec: its ``PoisonSpec``.
         test_ds: the clean test split.
         config: harness settings.
@@ -850,7 +861,7 @@ def run_cell(
         raise ValueError(f"The {defense!r} baseline needs the reference EPIC run's drop schedule.")
     cell_start = time.perf_counter()
     seed = _train_seed(config, trial)
-    fraction = float(defense.split("-")[1]) if defense in EPIC_DEFENSES else 0.2
+    fraction = float(defense.split("-")[-1]) if defense in (*EPIC_DEFENSES, CLEAN_EPIC) else 0.2
     args = EpicConfig(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -1036,7 +1047,7 @@ def run_benchmark(
             )
             for defense in missing:
                 train_set = poisoned
-                if defense == CONTROL:  # the same training, without the poisons
+                if defense in CLEAN_SETS:  # the same training, without the poisons
                     clean = splits["train"]
                     train_set = clean.add_column("is_poison", [False] * len(clean))
                 schedule = None

@@ -64,9 +64,10 @@ def test_config_rejects_bad_settings_before_training():
 def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
     config = HarnessConfig()
     assert config.dataset == "digits" and config.attack_kwargs == DIGITS_ATTACK_KWARGS
-    assert config.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(32 / 255)
+    assert config.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(64 / 255)
+    assert config.attack_kwargs["bullseye_polytope"] == {"target_pool_fraction": 0.02}
     config.attack_kwargs["gradient_matching"]["budget"] = 0.5  # must not leak into the next config
-    assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.05
+    assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.01
     # other datasets get each attack's own defaults; an explicit dict (even empty) is kept as given
     assert HarnessConfig(dataset="cifar10").attack_kwargs == {}
     assert HarnessConfig(attack_kwargs={}).attack_kwargs == {}
@@ -175,7 +176,7 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
         config,
         trials=[0],
         attacks=["badnets"],
-        defenses=["none", "epic-0.2", "clean-control"],
+        defenses=["none", "epic-0.2", "clean-control", "clean-epic-0.2"],
         output_dir=out,
     )
     log = capsys.readouterr().out
@@ -183,12 +184,16 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
     assert "done   trial=0 attack=badnets defense=epic-0.2" in log
     assert "defense=none:" not in log
     by_defense = {r["defense"]: r for r in records}
-    assert set(by_defense) == {"none", "epic-0.2", "clean-control"}
+    assert set(by_defense) == {"none", "epic-0.2", "clean-control", "clean-epic-0.2"}
     control = by_defense["clean-control"]  # trained without poisons, scored on the same triggered images
     assert control["num_poisons"] == 0 and control["num_dropped"] == 0
     assert (
         control["num_evaluated"] == none["num_evaluated"] and control["poison_class"] == none["poison_class"]
     )
+    clean_epic = by_defense["clean-epic-0.2"]  # EPIC-0.2's rounds, on the clean set
+    assert clean_epic["num_poisons"] == 0 and clean_epic["num_rows"] == 200
+    assert clean_epic["num_dropped"] > 0 and clean_epic["round_epochs"] == [1]
+    assert clean_epic["num_evaluated"] == none["num_evaluated"]
     assert by_defense["none"] == none
     epic = by_defense["epic-0.2"]
     assert epic["num_dropped"] > 0 and len(epic["rounds_per_class"]) == 1 and epic["round_epochs"] == [1]
