@@ -58,6 +58,8 @@ DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
     # 10 pilot trials; 5 % / 32/255: 41.7 % over 12 trials, clean control 8.3 %). At 64/255 (4x the
     # paper's 16/255; visible on 16x16 digits) 1 % suffices: 75.0 % over 12 trials, clean control
     # 8.3 %, with targets from the 2 % lowest-margin test digits and 2 restarts (docs/BENCHMARK_RESULTS.md).
+    # Both numbers share one advantage: the surrogate is seeded with the trial seed, as the victim is,
+    # so it starts from the victim's initial weights.
     "gradient_matching": {
         "budget": 0.01,
         "epsilon": 64 / 255,
