@@ -729,11 +729,10 @@ def predict_logits(model: Any, ds: Any, config: HarnessConfig, batch_size: int =
     was_training = model.training
     model.eval()
     chunks: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in range(0, len(view), batch_size):
-            rows = view[start : start + batch_size]
-            pixels = torch.stack(rows["pixel_values"]).to(device)
-            chunks.append(model(pixel_values=pixels).logits.float().cpu())
+    for start in range(0, len(view), batch_size):  # gradients are off: @torch.no_grad()
+        rows = view[start : start + batch_size]
+        pixels = torch.stack(rows["pixel_values"]).to(device)
+        chunks.append(model(pixel_values=pixels).logits.float().cpu())
     model.train(was_training)
     return torch.cat(chunks)
 

@@ -553,6 +553,7 @@ def _greedy_incremental(
 ) -> tuple[list[int], torch.Tensor]:
     """Exact greedy with incrementally updated gains (stochastic when ``generator`` is given).
 
+    Exact greedy on a dense CPU kernel takes :class:`_DenseSteps` instead (same arithmetic).
     Returns the medoids in greedy order and, for every row, the position (within the class)
     of the first-selected medoid with the largest similarity (-1 where every similarity is
     <= 0, possible only for the cosine metric).
@@ -560,10 +561,6 @@ def _greedy_incremental(
     n = kernel.n
     dev = kernel.device
     matrix = kernel.matrix
-    if generator is None and matrix is not None and dev.type == "cpu":
-        steps = _DenseSteps(kernel, budget)
-        steps.advance()
-        return steps.order, steps.assign
     # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
     gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
@@ -729,11 +726,15 @@ def _select_class(
             order, assign = greedy_stochastic_cells(kernel, budget, size, generator, budget_bytes)
         else:
             order, assign = _greedy_incremental(kernel, budget, generator=generator, sample_size=size)
-    elif steps is not None:
-        steps.advance()
-        order, assign = steps.order, steps.assign
     else:
-        order, assign = _greedy_incremental(kernel, budget)
+        # exact greedy: on a dense CPU kernel the resumable numpy steps (usually started by the
+        # thread that built the kernel), elsewhere the torch steps
+        steps = steps if steps is not None else _start_class(kernel, fraction, greedy)
+        if steps is not None:
+            steps.advance()
+            order, assign = steps.order, steps.assign
+        else:
+            order, assign = _greedy_incremental(kernel, budget)
     medoids = torch.tensor(order, dtype=torch.int64, device=kernel.device)
     if assign is None:
         assign = torch.full((n,), -1, dtype=torch.int64, device=kernel.device)
@@ -764,17 +765,18 @@ def _scheduled(
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Runs ``finish(k, build(k, workspace))`` for every job on ``workers`` threads.
 
-    Building a class's kernel is a few large tensor operations, which release the GIL;
-    its greedy is many small ones, which hold it most of the time, so two greedy runs at once
-    only fight over it. Each thread therefore takes the greedy of a built kernel when no other
-    thread is running one, and otherwise builds the next kernel if one of the ``workers``
-    workspaces is free: the greedy steps run back to back on some thread while the kernels
-    are built on the others (with wide embeddings, where building dominates, several at a
-    time). At most ``workers`` kernels exist at once, as with one class per thread.
+    ``build`` makes a class's kernel and runs its first, large greedy steps: a few large tensor
+    operations, which release the GIL. ``finish`` runs the rest of the greedy: many small
+    operations, which hold it most of the time, so two of them at once only fight over it. Each
+    thread therefore takes the ``finish`` of a built class when no other thread is running one,
+    and otherwise builds the next class if one of the ``workers`` workspaces is free: the small
+    steps run back to back on some thread while the classes are built on the others (with wide
+    embeddings, where building dominates, several at a time). At most ``workers`` kernels exist
+    at once, as with one class per thread.
     """
     lock = threading.Condition()
     free = [[] for _ in range(workers)]  # workspaces (reused buffers for the dense kernel)
-    built: list[tuple[int, _Kernel, list[torch.Tensor]]] = []
+    built: list[tuple[int, Any, list[torch.Tensor]]] = []  # (job, what build returned, workspace)
     state = {"next": 0, "greedy": False, "error": None}
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -785,7 +787,7 @@ def _scheduled(
                     if state["error"] is not None or len(done) == len(jobs):
                         return
                     if built and not state["greedy"]:
-                        k, kernel, workspace = built.pop(0)
+                        k, prepared, workspace = built.pop(0)
                         state["greedy"] = True
                         action = "greedy"
                         break
@@ -798,13 +800,13 @@ def _scheduled(
                     lock.wait()
             try:
                 if action == "build":
-                    kernel = build(k, workspace)
+                    prepared = build(k, workspace)
                     with lock:
-                        built.append((k, kernel, workspace))
+                        built.append((k, prepared, workspace))
                         lock.notify_all()
                 else:
-                    result = finish(k, kernel)
-                    del kernel
+                    result = finish(k, prepared)
+                    del prepared
                     with lock:
                         done[k] = result
                         free.append(workspace)
