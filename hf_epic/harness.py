@@ -121,6 +121,10 @@ class HarnessConfig:
         epic_stop: no EPIC round once this many epochs are done (exclusive: start 2, interval 2, stop 10
             runs rounds after epochs 2, 4, 6 and 8; None: rounds until the end), as in the reference's
             transfer setting.
+        epic_embedding: EPIC's gradient embedding, ``"logits_grad"`` (the reference's) or
+            ``"last_layer_grad"`` (see :class:`~hf_epic.EpicConfig`).
+        epic_metric: EPIC's similarity, ``"euclidean"`` (the reference's) or ``"cosine"``.
+        epic_cluster_threshold: EPIC drops rows in clusters of at most this many members.
         baseline_reference: the EPIC defense whose drop schedule the baselines copy.
         attack_kwargs: per-attack keyword arguments for the ``craft_*`` functions, e.g.
             ``{"gradient_matching": {"epsilon": 16 / 255}}``. None (the default): ``DIGITS_ATTACK_KWARGS``
@@ -149,6 +153,9 @@ class HarnessConfig:
     epic_interval: int = 2
     epic_start: int = 2
     epic_stop: int | None = None
+    epic_embedding: str = "logits_grad"
+    epic_metric: str = "euclidean"
+    epic_cluster_threshold: int = 1
     baseline_reference: str = "epic-0.2"
     attack_kwargs: dict[str, dict[str, Any]] | None = None
     seed: int = 0
@@ -186,6 +193,17 @@ class HarnessConfig:
             raise ValueError(
                 f"epic_stop={self.epic_stop} is not after epic_start={self.epic_start}: EPIC would never run; "
                 "pass epic_stop > epic_start, or None."
+            )
+        if self.epic_embedding not in ("logits_grad", "last_layer_grad"):
+            raise ValueError(
+                f"epic_embedding={self.epic_embedding!r}: use 'logits_grad' or 'last_layer_grad'."
+            )
+        if self.epic_metric not in ("euclidean", "cosine"):
+            raise ValueError(f"epic_metric={self.epic_metric!r}: use 'euclidean' or 'cosine'.")
+        if not isinstance(self.epic_cluster_threshold, int) or self.epic_cluster_threshold < 1:
+            raise ValueError(
+                f"epic_cluster_threshold={self.epic_cluster_threshold!r}: pass a positive integer (1 drops "
+                "isolated medoids)."
             )
         unknown = sorted(set(self.attack_kwargs) - set(ATTACKS))
         if unknown:
@@ -541,8 +559,13 @@ def victim_setting(attack: str, config: HarnessConfig) -> str:
     if parameter is None:
         return "scratch"
     setting = config.attack_kwargs.get(attack, {}).get("setting", parameter.default)
-    if setting not in ("transfer", "finetune"):
-        raise ValueError(f"attack_kwargs[{attack!r}]['setting']={setting!r}: use 'transfer' or 'finetune'.")
+    allowed = (
+        ("scratch", "transfer", "finetune") if parameter.default == "scratch" else ("transfer", "finetune")
+    )
+    if setting not in allowed:
+        raise ValueError(
+            f"attack_kwargs[{attack!r}]['setting']={setting!r}: use one of {', '.join(map(repr, allowed))}."
+        )
     return setting
 
 
@@ -888,6 +911,9 @@ def run_cell(
         epic_interval=config.epic_interval,
         epic_start_epoch=config.epic_start,
         epic_stop_epoch=config.epic_stop,
+        epic_embedding=config.epic_embedding,
+        epic_metric=config.epic_metric,
+        epic_cluster_threshold=config.epic_cluster_threshold,
     )
     num_labels = poisoned.features["label"].num_classes
     if setting == "scratch":
@@ -976,6 +1002,9 @@ def _check_config_file(output_dir: Path, config: HarnessConfig) -> None:
     current = json.loads(json.dumps(config.to_dict()))
     if path.exists():
         stored = json.loads(path.read_text())
+        # a setting added after the folder was written had its default value there
+        defaults = {f.name: f.default for f in dataclasses.fields(HarnessConfig) if f.name not in stored}
+        stored = {**json.loads(json.dumps(defaults)), **stored}
         changed = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed)

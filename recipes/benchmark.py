@@ -147,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="no EPIC round once this many epochs are done ('none': rounds until the end)",
     )
     parser.add_argument(
+        "--epic_embedding",
+        choices=("logits_grad", "last_layer_grad"),
+        default=defaults.epic_embedding,
+        help="EPIC's gradient embedding (logits_grad: the reference's)",
+    )
+    parser.add_argument(
+        "--epic_metric",
+        choices=("euclidean", "cosine"),
+        default=defaults.epic_metric,
+        help="EPIC's similarity",
+    )
+    parser.add_argument(
+        "--epic_cluster_threshold",
+        type=int,
+        default=defaults.epic_cluster_threshold,
+        help="EPIC drops rows in clusters of at most this many members",
+    )
+    parser.add_argument(
         "--baseline_reference",
         choices=("epic-0.1", "epic-0.2", "epic-0.3"),
         default=defaults.baseline_reference,

@@ -239,6 +239,21 @@ def test_sleeper_agent(data, surrogate):
     assert all(p.requires_grad for p in surrogate.parameters())
 
 
+def test_sleeper_agent_finetune_retrains_fresh_copies_of_the_pretrained_model(data, surrogate):
+    train, _ = data
+    before = {k: v.clone() for k, v in surrogate.state_dict().items()}
+    poisoned, spec = craft_sleeper_agent(
+        train, poison_class=3, source_class=5, budget=0.02, model=surrogate, setting="finetune",
+        retrain_rounds=2, retrain_epochs=1, steps=12, progress=False, seed=0,
+    )  # fmt: skip
+    check_poisoned(train, poisoned, spec)
+    assert spec.params["setting"] == "finetune" and len(spec.params["rounds"]) == 3
+    # every round starts from a fine-tuned copy of the pretrained weights, never the user's model itself
+    assert all(torch.equal(before[k], v) for k, v in surrogate.state_dict().items())
+    with pytest.raises(ValueError, match="setting='transfer'"):
+        craft_sleeper_agent(train, model=surrogate, setting="transfer", progress=False)
+
+
 def test_sleeper_agent_alignment_falls_against_the_given_surrogate(data, surrogate):
     train, _ = data
     poisoned, spec = craft_sleeper_agent(

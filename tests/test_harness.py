@@ -59,6 +59,12 @@ def test_config_rejects_bad_settings_before_training():
         HarnessConfig(epic_start=4, epic_stop=4)
     with pytest.raises(ValueError, match="attack_kwargs"):
         HarnessConfig(attack_kwargs={"badnets": 0.05})
+    with pytest.raises(ValueError, match="epic_embedding"):
+        HarnessConfig(epic_embedding="features")
+    with pytest.raises(ValueError, match="epic_metric"):
+        HarnessConfig(epic_metric="manhattan")
+    with pytest.raises(ValueError, match="epic_cluster_threshold"):
+        HarnessConfig(epic_cluster_threshold=0)
 
 
 def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
@@ -231,6 +237,38 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
             defenses=["none"],
             output_dir=out,
         )
+    with pytest.raises(ValueError, match="epic_metric"):
+        run_benchmark(
+            HarnessConfig(**{**SMALL, "epic_metric": "cosine"}),
+            trials=[0],
+            attacks=["badnets"],
+            defenses=["none"],
+            output_dir=out,
+        )
+    # a folder written before a setting existed had that setting's default: it still resumes
+    stored = json.loads((out / "harness_config.json").read_text())
+    for key in ("epic_embedding", "epic_metric", "epic_cluster_threshold"):
+        stored.pop(key)
+    (out / "harness_config.json").write_text(json.dumps(stored))
+    resumed = run_benchmark(config, trials=[0], attacks=["badnets"], defenses=["none"], output_dir=out)
+    assert resumed == records
+
+
+def test_epic_options_reach_the_trainer(tmp_path):
+    from hf_epic.harness import craft_or_load, load_benchmark_dataset, run_cell
+
+    dropped = {}
+    for threshold in (1, 2):
+        config = HarnessConfig(**{**SMALL, "epic_stop": 2, "epic_cluster_threshold": threshold})
+        splits = load_benchmark_dataset(config)
+        poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
+        record = run_cell(
+            0, "badnets", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / str(threshold)
+        )
+        assert record["round_epochs"] == [1]
+        dropped[threshold] = record["num_dropped"]
+    # the same model at the same round: clusters of up to two rows include the isolated ones
+    assert dropped[2] > dropped[1] > 0
 
 
 def test_cli_parses_trial_selections():
@@ -245,6 +283,12 @@ def test_cli_parses_trial_selections():
     assert (args.optimizer, args.weight_decay, args.epic_stop) == ("sgd", 0.1, 6)
     assert parser.parse_args([]).attack_kwargs is None  # -> the digits preset in HarnessConfig
     assert parser.parse_args(["--epic_stop", "none"]).epic_stop is None
+    args = parser.parse_args(["--epic_embedding", "last_layer_grad", "--epic_metric", "cosine"])
+    assert (args.epic_embedding, args.epic_metric, args.epic_cluster_threshold) == (
+        "last_layer_grad",
+        "cosine",
+        1,
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["--epic_stop", "ten"])
     with pytest.raises(SystemExit):
@@ -338,6 +382,13 @@ def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_feature
     )
     assert victim_setting("bullseye_polytope", config) == "transfer"
     assert victim_setting("gradient_matching", config) == "scratch"
+    assert victim_setting("sleeper_agent", config) == "scratch"
+    finetune = HarnessConfig(**{**SMALL, "attack_kwargs": {"sleeper_agent": {"setting": "finetune"}}})
+    assert victim_setting("sleeper_agent", finetune) == "finetune"
+    with pytest.raises(ValueError, match="'transfer', 'finetune'"):
+        victim_setting(
+            "bullseye_polytope", HarnessConfig(attack_kwargs={"bullseye_polytope": {"setting": "scratch"}})
+        )
     splits = load_benchmark_dataset(config)
     attacked = pretrained_model(0, splits, config, tmp_path / "pretrained")
     cached = load_file(str(tmp_path / "pretrained" / "trial_000" / "model.safetensors"))

@@ -63,6 +63,7 @@ def craft_sleeper_agent(
     patch_size: int | None = None,
     location: str | tuple[int, int] = "bottom_right",
     model: torch.nn.Module | None = None,
+    setting: str = "scratch",
     surrogate_epochs: int | None = None,
     retrain_rounds: int = 1,
     retrain_epochs: int | None = None,
@@ -97,6 +98,11 @@ def craft_sleeper_agent(
         location: where the generated patch goes at test time (``"bottom_right"``, ``"random"`` or
             ``(row, col)``); crafting uses the same rule.
         model: the surrogate (None: the default tiny ResNet trained on ``train_ds``).
+        setting: how the victim will train: ``"scratch"`` (from random weights, as in the paper; each
+            retraining round trains a new surrogate from scratch when ``model`` is None) or
+            ``"finetune"`` (the victim fine-tunes ``model``, a public pretrained checkpoint the attacker
+            also has; each retraining round fine-tunes a fresh copy of it). Benchmarks read it to build
+            the victim.
         surrogate_epochs: epochs of clean training (None: 12 for the default model, 0 for a given one).
         retrain_rounds: times the surrogate is retrained on the current poisoned set while crafting
             (the steps are split evenly around them). The default model is retrained from scratch; a
@@ -122,6 +128,8 @@ def craft_sleeper_agent(
     """
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     poison_class, source_class = draw_classes(poison_class, source_class, train.num_classes, seed)
+    if setting not in ("scratch", "finetune"):
+        raise ValueError(f"setting={setting!r}: use 'scratch' (victim trained from scratch) or 'finetune'.")
     if poison_selection not in ("random", "gradient_norm"):
         raise ValueError(f"poison_selection={poison_selection!r}: use 'random' or 'gradient_norm'.")
     if retrain_rounds < 0 or steps < retrain_rounds + 1 or restarts < 1:
@@ -150,6 +158,7 @@ def craft_sleeper_agent(
         progress=progress,
     )
     dev = next(surrogate.parameters()).device
+    pretrained = copy.deepcopy(surrogate) if setting == "finetune" else None
     x_all = images_to_tensor(train_ds, train.image_column)
     source_rows = (train.labels == source_class).nonzero().flatten()
     if num_source is not None:
@@ -179,7 +188,9 @@ def craft_sleeper_agent(
         if r > 0:
             x_train = x_all.clone()
             x_train[poison_indices] = quantise_poisons(x_clean + delta, clean_uint8, epsilon).float() / 255
-            if model is None:
+            if pretrained is not None:
+                surrogate = copy.deepcopy(pretrained)
+            elif model is None:
                 torch.manual_seed(int(seed) + r)
                 surrogate = build_default_surrogate(train.num_classes, h, c)
             else:
@@ -245,6 +256,7 @@ def craft_sleeper_agent(
         num_rows=train_ds.num_rows,
         params={
             "source_class": source_class,
+            "setting": setting,
             "steps": steps,
             "restarts": restarts,
             "retrain_rounds": retrain_rounds,
