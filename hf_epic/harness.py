@@ -73,7 +73,14 @@ DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
     # in-crafting shifts changed nothing in pilots): 91.7 % over 12 trials, clean control 25.0 %
     # (docs/BENCHMARK_RESULTS.md).
     "bullseye_polytope": {"target_pool_fraction": 0.02},
-    "sleeper_agent": {"budget": 0.05, "epsilon": 32 / 255},
+    # Sleeper Agent with seeded random class pairs got 1.4 % over 12 trials: on these digits patched
+    # source images keep a mean poison-class margin of -2.5 to -16.7 (pair by pair, on a clean model)
+    # and the poisons moved it by +3 to +4 (pair 0 -> 7, margin -14). The
+    # preset attacks the pair whose patched source images are nearest the poison class on a clean
+    # model (7 -> 2: a bright patch at the bottom right of a 7 resembles the foot of a 2): 71.5 %
+    # over 12 trials, but the trigger alone already sends 39.6 % there (clean control); see
+    # docs/BENCHMARK_RESULTS.md.
+    "sleeper_agent": {"budget": 0.05, "epsilon": 32 / 255, "source_class": 7, "poison_class": 2},
 }
 """Per-attack arguments of the offline default (``dataset="digits"``, ``attack_kwargs=None``)."""
 CONFIG_FILE = "harness_config.json"

@@ -72,6 +72,10 @@ def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
     assert config.dataset == "digits" and config.attack_kwargs == DIGITS_ATTACK_KWARGS
     assert config.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(64 / 255)
     assert config.attack_kwargs["bullseye_polytope"] == {"target_pool_fraction": 0.02}
+    assert (
+        config.attack_kwargs["sleeper_agent"]["source_class"],
+        config.attack_kwargs["sleeper_agent"]["poison_class"],
+    ) == (7, 2)
     config.attack_kwargs["gradient_matching"]["budget"] = 0.5  # must not leak into the next config
     assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.01
     # other datasets get each attack's own defaults; an explicit dict (even empty) is kept as given
