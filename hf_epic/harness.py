@@ -201,17 +201,11 @@ class HarnessConfig:
                 f"epic_stop={self.epic_stop} is not after epic_start={self.epic_start}: EPIC would never run; "
                 "pass epic_stop > epic_start, or None."
             )
-        if self.epic_embedding not in ("logits_grad", "last_layer_grad"):
-            raise ValueError(
-                f"epic_embedding={self.epic_embedding!r}: use 'logits_grad' or 'last_layer_grad'."
-            )
-        if self.epic_metric not in ("euclidean", "cosine"):
-            raise ValueError(f"epic_metric={self.epic_metric!r}: use 'euclidean' or 'cosine'.")
-        if not isinstance(self.epic_cluster_threshold, int) or self.epic_cluster_threshold < 1:
-            raise ValueError(
-                f"epic_cluster_threshold={self.epic_cluster_threshold!r}: pass a positive integer (1 drops "
-                "isolated medoids)."
-            )
+        from hf_epic.epic_config import default_epic_settings, validate_epic_settings
+
+        # the EPIC options the harness passes on unchanged get EpicConfig's own checks and messages
+        passed_on = ("epic_embedding", "epic_metric", "epic_cluster_threshold")
+        validate_epic_settings({**default_epic_settings(), **{k: getattr(self, k) for k in passed_on}})
         unknown = sorted(set(self.attack_kwargs) - set(ATTACKS))
         if unknown:
             raise ValueError(f"attack_kwargs names unknown attacks {unknown}; known: {', '.join(ATTACKS)}.")

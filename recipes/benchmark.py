@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from hf_epic.epic_config import EMBEDDING_CHOICES, METRIC_CHOICES
 from hf_epic.harness import ATTACKS, DEFENSES, HarnessConfig, run_benchmark
 
 
@@ -148,13 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--epic_embedding",
-        choices=("logits_grad", "last_layer_grad"),
+        choices=EMBEDDING_CHOICES,
         default=defaults.epic_embedding,
         help="EPIC's gradient embedding (logits_grad: the reference's)",
     )
     parser.add_argument(
         "--epic_metric",
-        choices=("euclidean", "cosine"),
+        choices=METRIC_CHOICES,
         default=defaults.epic_metric,
         help="EPIC's similarity",
     )
