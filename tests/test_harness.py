@@ -10,6 +10,7 @@ import torch
 
 from hf_epic.harness import (
     DIGITS_ATTACK_KWARGS,
+    HARD_DIGITS_ATTACK_KWARGS,
     RESULTS_FILE,
     HarnessConfig,
     ResultStore,
@@ -78,6 +79,13 @@ def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
     ) == (7, 2)
     config.attack_kwargs["gradient_matching"]["budget"] = 0.5  # must not leak into the next config
     assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.01
+    # the hard digits have their own gradient-matching preset (24/255, the 10 % lowest-margin pool)
+    hard = HarnessConfig(digits_variant="hard", image_size=32, num_channels=3)
+    assert hard.attack_kwargs == HARD_DIGITS_ATTACK_KWARGS
+    assert hard.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(24 / 255)
+    assert hard.attack_kwargs["gradient_matching"]["target_pool_fraction"] == 0.1
+    hard.attack_kwargs["gradient_matching"]["restarts"] = 9
+    assert HARD_DIGITS_ATTACK_KWARGS["gradient_matching"]["restarts"] == 2
     # other datasets get each attack's own defaults; an explicit dict (even empty) is kept as given
     assert HarnessConfig(dataset="cifar10").attack_kwargs == {}
     assert HarnessConfig(attack_kwargs={}).attack_kwargs == {}
@@ -105,6 +113,22 @@ def test_result_store_ignores_a_torn_line_and_appends_after_it(tmp_path):
     reread = ResultStore(path)
     assert set(reread.records) == {first["key"], second["key"]}
     assert reread.get(second["key"])["num_success"] == 1
+
+
+def test_report_includes_cells_another_process_appended_meanwhile(tmp_path):
+    # two processes on disjoint trials share one folder: the report must hold both processes' cells
+    config = HarnessConfig(**SMALL)
+    out = tmp_path / "bench"
+    ResultStore(out / RESULTS_FILE).append(_record(0, "badnets", "none", 1, 2, 0.9))
+
+    def other_process_finishes(line):  # called while this run goes over its (already finished) cells
+        ResultStore(out / RESULTS_FILE).append(_record(1, "badnets", "none", 0, 2, 0.8))
+
+    records = run_benchmark(
+        config, trials=[0], attacks=["badnets"], defenses=["none"], output_dir=out, log=other_process_finishes
+    )
+    assert sorted(r["trial"] for r in records) == [0, 1]
+    assert "| badnets | none | 2 | 25.0 (1/4) |" in (out / "results.md").read_text()
 
 
 def test_summarize_pools_asr_and_averages_the_rest():
