@@ -40,8 +40,8 @@ Ready-to-paste commands (from the repository root):
     # gradient matching at its preset hf_epic.harness.HARD_DIGITS_ATTACK_KWARGS (1 %, 24/255, targets
     # among the 10 % lowest-margin digits); EPIC's 40-epoch schedule (every 2 epochs from epoch 10);
     # about 2.7 min a cell on one CPU thread, 1.5 min to craft a trial's poisons; run two processes on
-    # disjoint --trials (e.g. 0-5 and 6-11) into the same folder to use two cores, then the command once
-    # more with every trial to write the whole report. Measured: docs/BENCHMARK_RESULTS.md
+    # disjoint --trials (e.g. 0-5 and 6-11) into the same folder to use two cores: the last to finish
+    # writes the report over every trial. Measured: docs/BENCHMARK_RESULTS.md
     .venv/bin/python recipes/benchmark.py --digits_variant hard --image_size 32 --num_channels 3 \\
         --epic_start 10 --trials 12 --attacks gradient_matching \\
         --defenses none epic-0.2 clean-control clean-epic-0.2 --num_threads 1 --output_dir bench_out/hard_digits
