@@ -50,6 +50,8 @@ CONTROL = "clean-control"
 CLEAN_EPIC = "clean-epic-0.2"
 """EPIC-0.2 on the clean set: how often EPIC's own drops put the target in the poison class."""
 CLEAN_SETS = (CONTROL, CLEAN_EPIC)
+MATCHING_CONTROL = {"none": CONTROL, "epic-0.2": CLEAN_EPIC}
+"""The clean-set run each defense is compared with: the same training without the poisons."""
 DEFENSES = ("none", *EPIC_DEFENSES, *BASELINE_DEFENSES, CONTROL, CLEAN_EPIC)
 RESULTS_FILE = "results.jsonl"
 DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
@@ -109,6 +111,7 @@ __all__ = [
     "DIGITS_ATTACK_KWARGS",
     "HARD_DIGITS_ATTACK_KWARGS",
     "HarnessConfig",
+    "MATCHING_CONTROL",
     "ResultStore",
     "cell_key",
     "load_benchmark_dataset",
@@ -411,7 +414,11 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``wall_seconds`` (training and scoring, mean per trial) and ``craft_seconds`` (crafting the
         trial's poisons, shared by its defenses) and ``target_margin`` (targeted attacks: the mean of
         the targets' poison-class logit minus their largest other logit, see :func:`target_margins`,
-        over the records that have them; NaN for backdoors).
+        over the records that have them; NaN for backdoors). Targeted attacks whose defense has a
+        matching clean run (:data:`MATCHING_CONTROL`: ``none`` -> ``clean-control``, ``epic-0.2`` ->
+        ``clean-epic-0.2``) also get ``control`` (its name), ``control_paired`` (targets scored in both)
+        and ``successes_beyond_control`` (targets in the poison class whose clean run did not put them
+        there: the poisons' own successes); ``control`` is None otherwise.
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
@@ -450,9 +457,35 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "wall_seconds": _mean([r["wall_seconds"] for r in group]),
                 "craft_seconds": _mean([r.get("craft_seconds", float("nan")) for r in group]),
                 "target_margin": _mean([m for r in group for m in (r.get("target_margins") or [])]),
+                **_beyond_control(group, groups.get((key[0], MATCHING_CONTROL.get(key[1], "")), [])),
             }
         )
     return rows
+
+
+def _target_successes(record: Mapping[str, Any]) -> list[bool] | None:
+    """Per target of a targeted-attack record: whether it landed in the poison class (None: not targeted)."""
+    predictions = record.get("target_predictions")
+    if record.get("attack_kind") != "targeted" or predictions is None or record.get("poison_class") is None:
+        return None
+    return [int(p) == int(record["poison_class"]) for p in predictions]
+
+
+def _beyond_control(
+    group: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Pair a defense's targets with its clean run's, trial by trial, and count the poisons' own successes."""
+    by_trial = {r["trial"]: _target_successes(r) for r in control}
+    paired = beyond = 0
+    for record in group:
+        ours, theirs = _target_successes(record), by_trial.get(record["trial"])
+        if ours is None or theirs is None or len(ours) != len(theirs):
+            continue
+        paired += len(ours)
+        beyond += sum(hit and not clean_hit for hit, clean_hit in zip(ours, theirs))
+    if not paired:
+        return {"control": None, "control_paired": 0, "successes_beyond_control": 0}
+    return {"control": control[0]["defense"], "control_paired": paired, "successes_beyond_control": beyond}
 
 
 def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None) -> str:
@@ -487,6 +520,27 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
         "and shared by every defense.",
         "",
     ]
+    paired = [r for r in rows if r.get("control")]
+    if paired:
+        lines += [
+            "Targeted attacks against the same training without the poisons (the matching clean run): "
+            "a success counts here only when the clean run of that trial did not already put the target "
+            "in the poison class. The target margin is its poison-class logit minus its largest other "
+            "logit (> 0: success), averaged over the trials.",
+            "",
+            "| attack | defense | clean run | successes beyond the clean run | mean target margin "
+            "| clean run's mean target margin |",
+            "|---|---|---|---|---|---|",
+        ]
+        margin = {(r["attack"], r["defense"]): r["target_margin"] for r in rows}
+        for r in paired:
+            lines.append(
+                f"| {r['attack']} | {r['defense']} | {r['control']} "
+                f"| {100 * r['successes_beyond_control'] / r['control_paired']:.1f} "
+                f"({r['successes_beyond_control']}/{r['control_paired']}) "
+                f"| {r['target_margin']:+.2f} | {margin[(r['attack'], r['control'])]:+.2f} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -158,6 +158,57 @@ def test_summarize_pools_asr_and_averages_the_rest():
     assert bd["poisons_dropped"] == pytest.approx(6) and bd["poison_recall"] == pytest.approx(0.6)
 
 
+def test_successes_beyond_the_matching_clean_run_are_paired_by_trial(tmp_path):
+    def targeted(trial, defense, prediction, margin):
+        return _record(
+            trial,
+            "gradient_matching",
+            defense,
+            int(prediction == 3),
+            1,
+            0.9,
+            attack_kind="targeted",
+            poison_class=3,
+            target_predictions=[prediction],
+            target_margins=[margin],
+        )
+
+    records = [
+        targeted(0, "none", 3, 2.0),
+        targeted(1, "none", 3, 1.0),
+        targeted(2, "none", 3, 3.0),
+        targeted(0, "clean-control", 1, -4.0),
+        targeted(1, "clean-control", 3, 0.5),
+        targeted(2, "clean-control", 1, -2.0),
+        targeted(0, "epic-0.2", 3, 1.0),
+        targeted(1, "epic-0.2", 1, -1.0),
+        targeted(2, "epic-0.2", 3, 0.5),
+        targeted(0, "clean-epic-0.2", 3, 0.2),
+        targeted(1, "clean-epic-0.2", 1, -3.0),  # trial 2 not run
+        targeted(0, "random", 3, 1.0),
+    ]
+    rows = {r["defense"]: r for r in summarize(records)}
+    # none: trials 0 and 2 succeed where the clean control did not; trial 1 the control already flipped
+    assert (
+        rows["none"]["control"],
+        rows["none"]["successes_beyond_control"],
+        rows["none"]["control_paired"],
+    ) == (
+        "clean-control",
+        2,
+        3,
+    )
+    # epic-0.2: trial 0's success is EPIC's own (clean-epic-0.2 flips it too); trial 2 has no clean run
+    assert (rows["epic-0.2"]["successes_beyond_control"], rows["epic-0.2"]["control_paired"]) == (0, 2)
+    assert rows["random"]["control"] is None and rows["clean-control"]["control"] is None
+    markdown = write_report(records, tmp_path)["markdown"].read_text()
+    assert "| gradient_matching | none | clean-control | 66.7 (2/3) | +2.00 | -1.83 |" in markdown
+    assert "| gradient_matching | epic-0.2 | clean-epic-0.2 | 0.0 (0/2) | +0.17 | -1.40 |" in markdown
+    # backdoor records are not paired
+    backdoor = [_record(0, "badnets", "none", 9, 10, 0.8), _record(0, "badnets", "clean-control", 1, 10, 0.8)]
+    assert summarize(backdoor)[0]["control"] is None
+
+
 def test_target_margins_are_the_poison_logit_over_the_best_other():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 1.0, 0.5], [1.0, 1.0, 1.0]])
     # poison class 1: row 0 is in it by 1.0; row 1 misses it by 2.0; a tie is a margin of 0
