@@ -1,7 +1,9 @@
 """Offline image-classification data: scikit-learn's digits, plain or made harder.
 
 ``variant="plain"`` is the 1,797 real 8x8 sklearn digits upsampled to ``image_size`` (grayscale).
-A small CNN reaches ~98% on it and is so confident that targeted poisoning barely moves it.
+A small CNN reaches ~98% on it and is so confident that targeted poisoning barely moves it. With
+``renders_per_image > 1`` every training digit appears once as it is and again with a mild random
+affine jitter (rotation, scale, shift), a larger plain training set of the same difficulty.
 
 ``variant="hard"`` renders every source digit several times in colour on textured random
 backgrounds, with small random affine distortions, stroke thickness changes and pixel noise.
@@ -120,6 +122,27 @@ def _render_plain(digits: torch.Tensor, image_size: int) -> torch.Tensor:
     return (up[:, 0].clamp(0.0, 1.0) * 255).round().to(torch.uint8)
 
 
+def _render_jittered(digits: torch.Tensor, image_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Plain renderings with a mild random affine jitter, uint8 ``(n, image_size, image_size)``.
+
+    Rotation within +-10 degrees, scale 0.9-1.1, shift within +-6 % of the side; no colour, texture or
+    noise, so the images stay as easy as the plain ones.
+    """
+    n = digits.shape[0]
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.12
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.cos(angle) / scale
+    theta[:, 0, 1] = -torch.sin(angle) / scale
+    theta[:, 1, 0] = torch.sin(angle) / scale
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, (n, 1, image_size, image_size), align_corners=False)
+    up = F.grid_sample(digits[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (up[:, 0].clamp(0.0, 1.0) * 255).round().to(torch.uint8)
+
+
 def _to_dataset(images: torch.Tensor, labels: np.ndarray) -> Dataset:
     """Build a ``datasets.Dataset`` with PIL ``image`` and ClassLabel ``label`` columns."""
     mode = "RGB" if images.ndim == 4 else "L"
@@ -130,13 +153,37 @@ def _to_dataset(images: torch.Tensor, labels: np.ndarray) -> Dataset:
     )
 
 
+def _plain_split(
+    digits: torch.Tensor,
+    labels: np.ndarray,
+    src: np.ndarray,
+    renders: int,
+    image_size: int,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+) -> Dataset:
+    """One plain split: each source digit as it is, plus ``renders - 1`` jittered copies, shuffled.
+
+    With ``renders=1`` the rows are the source digits in index order (no random draw is made).
+    """
+    images = _render_plain(digits[src], image_size)
+    ids = src
+    if renders > 1:
+        extra = np.tile(src, renders - 1)
+        images = torch.cat([images, _render_jittered(digits[extra], image_size, gen)])
+        ids = np.concatenate([src, extra])
+        order = rng.permutation(len(ids))
+        images, ids = images[torch.from_numpy(order)], ids[order]
+    return _to_dataset(images, labels[ids])
+
+
 def load_digits_dataset(
     variant: str = "hard",
     seed: int = 0,
     image_size: int = 32,
     *,
-    renders_per_image: int = 3,
-    test_renders_per_image: int = 2,
+    renders_per_image: int | None = None,
+    test_renders_per_image: int | None = None,
     test_fraction: float = 0.2,
 ) -> DatasetDict:
     """Build the offline digits dataset (no download; scikit-learn ships the source digits).
@@ -146,8 +193,11 @@ def load_digits_dataset(
             (the 8x8 digits upsampled, grayscale).
         seed: seed for the train/test split and every random rendering choice.
         image_size: side of the square images, at least 8.
-        renders_per_image: for ``"hard"``, how many renderings of each training source digit.
-        test_renders_per_image: for ``"hard"``, how many renderings of each test source digit.
+        renders_per_image: how many renderings of each training source digit (None: 3 for ``"hard"``,
+            1 for ``"plain"``). For ``"plain"``, the first is the digit as it is and the others are
+            jittered (small rotation, scale and shift); rows are then shuffled.
+        test_renders_per_image: the same for the test source digits (None: 2 for ``"hard"``, 1 for
+            ``"plain"``).
         test_fraction: share of the source digits (per class) held out for the test split.
 
     Returns:
@@ -163,8 +213,16 @@ def load_digits_dataset(
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}; use e.g. 32.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}; use e.g. 0.2.")
-    if renders_per_image < 1 or test_renders_per_image < 1:
-        raise ValueError("renders_per_image and test_renders_per_image must be >= 1.")
+    if renders_per_image is None:
+        renders_per_image = 3 if variant == "hard" else 1
+    if test_renders_per_image is None:
+        test_renders_per_image = 2 if variant == "hard" else 1
+    for name, value in (
+        ("renders_per_image", renders_per_image),
+        ("test_renders_per_image", test_renders_per_image),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}; use e.g. 1 or 3.")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -176,12 +234,12 @@ def load_digits_dataset(
     rng = np.random.default_rng(seed)
     train_src, test_src = _split_sources(labels, test_fraction, rng)
 
+    gen = torch.Generator().manual_seed(int(seed))
     if variant == "plain":
-        train = _to_dataset(_render_plain(digits[train_src], image_size), labels[train_src])
-        test = _to_dataset(_render_plain(digits[test_src], image_size), labels[test_src])
+        train = _plain_split(digits, labels, train_src, renders_per_image, image_size, rng, gen)
+        test = _plain_split(digits, labels, test_src, test_renders_per_image, image_size, rng, gen)
         return DatasetDict(train=train, test=test)
 
-    gen = torch.Generator().manual_seed(int(seed))
     # Renderings of the same source digit are interleaved (all sources, then all again) and
     # then shuffled, so neighbouring rows are unrelated.
     train_ids = np.tile(train_src, renders_per_image)

@@ -132,6 +132,9 @@ class HarnessConfig:
             folder of a ``DatasetDict``, or a Hub dataset name for ``datasets.load_dataset`` (e.g.
             ``"cifar10"``; needs the internet).
         digits_variant: ``"hard"`` or ``"plain"``, for ``dataset="digits"``.
+        digits_renders: renderings of each training source digit, for ``dataset="digits"`` (None: the
+            variant's default, 3 for ``"hard"`` and 1 for ``"plain"``; see
+            :func:`hf_epic.data.load_digits_dataset`). The test split keeps the variant's default.
         image_size: side of the square model input, in pixels.
         num_channels: 1 (grayscale) or 3 (RGB).
         model: ``"cnn"`` (tiny timm ResNet), ``"vit"`` (tiny HF ViT) or ``"timm-vit"``.
@@ -170,6 +173,7 @@ class HarnessConfig:
 
     dataset: str = "digits"
     digits_variant: str = "plain"
+    digits_renders: int | None = None
     image_size: int = 16
     num_channels: int = 1
     model: str = "cnn"
@@ -206,6 +210,14 @@ class HarnessConfig:
         ):
             raise ValueError(
                 f"attack_kwargs={self.attack_kwargs!r}: pass a dict of attack name -> dict of keyword arguments."
+            )
+        if self.digits_renders is not None and (
+            isinstance(self.digits_renders, bool)
+            or not isinstance(self.digits_renders, int)
+            or self.digits_renders < 1
+        ):
+            raise ValueError(
+                f"digits_renders={self.digits_renders!r}: use an int >= 1, or None for the default."
             )
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'.")
@@ -357,7 +369,12 @@ def load_benchmark_dataset(config: HarnessConfig) -> Any:
     if config.dataset == "digits":
         from hf_epic.data import load_digits_dataset
 
-        dd = load_digits_dataset(config.digits_variant, seed=config.seed, image_size=config.image_size)
+        dd = load_digits_dataset(
+            config.digits_variant,
+            seed=config.seed,
+            image_size=config.image_size,
+            renders_per_image=config.digits_renders,
+        )
     else:
         local = Path(config.dataset)
         if (local / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk

@@ -47,6 +47,14 @@ Ready-to-paste commands (from the repository root):
         --epic_start 10 --trials 12 --attacks gradient_matching \\
         --defenses none epic-0.2 clean-control clean-epic-0.2 --num_threads 1 --output_dir bench_out/hard_digits
 
+    # the plain digits with three renderings of each training digit (the digit as it is and two mildly
+    # jittered copies: 4,314 rows, still 99 % clean accuracy), the plain preset (1 %, 64/255), EPIC rounds
+    # every 2 epochs from epoch 6; about 1.3 min a cell on one CPU thread, two processes on disjoint
+    # --trials into one folder use both cores. Measured: docs/BENCHMARK_RESULTS.md ("three renderings")
+    .venv/bin/python recipes/benchmark.py --digits_renders 3 --epic_start 6 --trials 12 \\
+        --attacks gradient_matching --num_threads 1 --output_dir bench_out/plain_r3 \\
+        --defenses none epic-0.2 random high-loss low-confidence clean-control clean-epic-0.2
+
     # a real dataset (needs the internet; the same code path; the field's from-scratch training and
     # EPIC's 40-epoch schedule; attacks at their own defaults: 1 %, 16/255)
     .venv/bin/python recipes/benchmark.py --dataset cifar10 --model cnn --image_size 32 --num_channels 3 \\
@@ -133,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset", default=defaults.dataset, help="'digits' (offline) or a Hub dataset name"
     )
     parser.add_argument("--digits_variant", choices=("hard", "plain"), default=defaults.digits_variant)
+    parser.add_argument(
+        "--digits_renders",
+        type=_optional_int,
+        default=defaults.digits_renders,
+        help="renderings of each training digit ('none': 3 for hard, 1 for plain; plain extras are jittered)",
+    )
     parser.add_argument("--image_size", type=int, default=defaults.image_size)
     parser.add_argument("--num_channels", type=int, choices=(1, 3), default=defaults.num_channels)
     parser.add_argument("--model", choices=("cnn", "vit", "timm-vit"), default=defaults.model)

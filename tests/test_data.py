@@ -52,6 +52,26 @@ def test_plain_variant():
     assert img.mode == "L" and img.size == (16, 16)
 
 
+def test_plain_renders_keep_every_digit_and_add_jittered_copies():
+    one = load_digits_dataset("plain", seed=0, image_size=16)["train"]
+    three = load_digits_dataset("plain", seed=0, image_size=16, renders_per_image=3)
+    assert three["train"].num_rows == 3 * one.num_rows
+    assert three["test"].num_rows == 359  # the test split keeps one rendering
+    originals = {np.asarray(img).tobytes(): label for img, label in zip(one["image"], one["label"])}
+    rows = [(np.asarray(img), label) for img, label in zip(three["train"]["image"], three["train"]["label"])]
+    kept = [label for img, label in rows if img.tobytes() in originals]
+    # every digit appears once as it is (with its label), the two others are new jittered images
+    assert len(kept) == one.num_rows
+    assert sorted(kept) == sorted(one["label"])
+    assert np.bincount(three["train"]["label"]).tolist() == (3 * np.bincount(one["label"])).tolist()
+    # shuffled: the original rows are not one block at the start
+    first = [rows[i][0].tobytes() in originals for i in range(one.num_rows)]
+    assert 0.2 < np.mean(first) < 0.5
+    # deterministic given the seed
+    again = load_digits_dataset("plain", seed=0, image_size=16, renders_per_image=3)["train"]
+    assert np.array_equal(np.asarray(again[5]["image"]), rows[5][0])
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -59,6 +79,7 @@ def test_plain_variant():
         ({"image_size": 4}, "image_size"),
         ({"test_fraction": 1.5}, "test_fraction"),
         ({"renders_per_image": 0}, "renders_per_image"),
+        ({"variant": "plain", "test_renders_per_image": 0}, "test_renders_per_image"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -66,6 +66,15 @@ def test_config_rejects_bad_settings_before_training():
         HarnessConfig(epic_metric="manhattan")
     with pytest.raises(ValueError, match="epic_cluster_threshold"):
         HarnessConfig(epic_cluster_threshold=0)
+    with pytest.raises(ValueError, match="digits_renders"):
+        HarnessConfig(digits_renders=0)
+
+
+def test_digits_renders_reaches_the_loaded_training_split():
+    from hf_epic.harness import load_benchmark_dataset
+
+    splits = load_benchmark_dataset(HarnessConfig(image_size=8, digits_renders=2))
+    assert splits["train"].num_rows == 2 * 1438 and splits["test"].num_rows == 359
 
 
 def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
