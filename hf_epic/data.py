@@ -61,6 +61,27 @@ def _smooth_noise(n: int, size: int, cells: int, gen: torch.Generator) -> torch.
     return up.clamp(0.0, 1.0)
 
 
+def _affine_theta(
+    angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, shear: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``(n, 2, 3)`` matrices for ``F.affine_grid``: rotate, shear, scale per axis, shift.
+
+    Args:
+        angle: rotation in radians, ``(n,)``.
+        scale: how large the digit appears along x and y, ``(n, 2)`` (the grid is divided by it).
+        shift: translation in normalised coordinates, ``(n, 2)``.
+        shear: added to the x row's off-diagonal term, ``(n,)`` (None: no shear).
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(angle.shape[0], 2, 3)
+    theta[:, 0, 0] = cos / scale[:, 0]
+    theta[:, 0, 1] = (-sin if shear is None else -sin + shear) / scale[:, 0]
+    theta[:, 1, 0] = sin / scale[:, 1]
+    theta[:, 1, 1] = cos / scale[:, 1]
+    theta[:, :, 2] = shift
+    return theta
+
+
 def _render_hard(digits: torch.Tensor, image_size: int, gen: torch.Generator) -> torch.Tensor:
     """Render 8x8 digits (values in [0, 1]) as hard colour images.
 
@@ -79,13 +100,7 @@ def _render_hard(digits: torch.Tensor, image_size: int, gen: torch.Generator) ->
     scale = 0.80 + 0.35 * torch.rand(n, 2, generator=gen)  # digit covers 80-115% of its box
     shear = (torch.rand(n, generator=gen) * 2 - 1) * 0.2
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.18
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = cos / scale[:, 0]
-    theta[:, 0, 1] = (-sin + shear) / scale[:, 0]
-    theta[:, 1, 0] = sin / scale[:, 1]
-    theta[:, 1, 1] = cos / scale[:, 1]
-    theta[:, :, 2] = shift
+    theta = _affine_theta(angle, scale, shift, shear)
     # Pad the 8x8 digit with a 1-pixel margin so the warp fills with zeros outside it.
     src = F.pad(digits[:, None], (1, 1, 1, 1))
     grid = F.affine_grid(theta, (n, 1, s, s), align_corners=False)
@@ -132,12 +147,7 @@ def _render_jittered(digits: torch.Tensor, image_size: int, gen: torch.Generator
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
     scale = 0.9 + 0.2 * torch.rand(n, generator=gen)
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.12
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = torch.cos(angle) / scale
-    theta[:, 0, 1] = -torch.sin(angle) / scale
-    theta[:, 1, 0] = torch.sin(angle) / scale
-    theta[:, 1, 1] = torch.cos(angle) / scale
-    theta[:, :, 2] = shift
+    theta = _affine_theta(angle, scale[:, None].expand(n, 2), shift)
     grid = F.affine_grid(theta, (n, 1, image_size, image_size), align_corners=False)
     up = F.grid_sample(digits[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return (up[:, 0].clamp(0.0, 1.0) * 255).round().to(torch.uint8)
