@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .significance import mcnemar_exact, wilson_interval
+
 ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision", "sleeper_agent", "badnets")
 EPIC_DEFENSES = ("epic-0.1", "epic-0.2", "epic-0.3")
 BASELINE_DEFENSES = ("random", "high-loss", "low-confidence")
@@ -435,7 +437,14 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         matching clean run (:data:`MATCHING_CONTROL`: ``none`` -> ``clean-control``, ``epic-0.2`` ->
         ``clean-epic-0.2``) also get ``control`` (its name), ``control_paired`` (targets scored in both)
         and ``successes_beyond_control`` (targets in the poison class whose clean run did not put them
-        there: the poisons' own successes); ``control`` is None otherwise.
+        there: the poisons' own successes); ``control`` is None otherwise. Targeted attacks also get
+        ``asr_ci_low`` / ``asr_ci_high`` (the 95 % Wilson interval of the ASR,
+        :func:`hf_epic.significance.wilson_interval`; NaN for backdoors, whose triggered images are not
+        independent trials) and, for every defense but ``none`` with ``none`` records of the same
+        trials, ``vs_none_paired`` (targets scored under both), ``vs_none_saved`` (targets ``none``
+        put in the poison class and the defense did not), ``vs_none_lost`` (the reverse) and
+        ``vs_none_p`` (the two-sided exact McNemar p-value of the difference,
+        :func:`hf_epic.significance.mcnemar_exact`); ``vs_none_paired`` is 0 and the rest None otherwise.
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
@@ -455,6 +464,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         group = sorted(groups[key], key=lambda r: r["trial"])
         successes = sum(r["num_success"] for r in group)
         evaluated = sum(r["num_evaluated"] for r in group)
+        targeted = all(_target_successes(r) is not None for r in group)
+        low, high = wilson_interval(successes, evaluated) if targeted else (float("nan"), float("nan"))
         accuracies = [r["clean_accuracy"] for r in group]
         rows.append(
             {
@@ -464,6 +475,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "attack_success_rate": successes / evaluated if evaluated else float("nan"),
                 "asr_successes": successes,
                 "asr_evaluated": evaluated,
+                "asr_ci_low": low,
+                "asr_ci_high": high,
                 "clean_accuracy": _mean(accuracies),
                 "clean_accuracy_std": _std(accuracies),
                 "num_poisons": _mean([r["num_poisons"] for r in group]),
@@ -475,6 +488,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "craft_seconds": _mean([r.get("craft_seconds", float("nan")) for r in group]),
                 "target_margin": _mean([m for r in group for m in (r.get("target_margins") or [])]),
                 **_beyond_control(group, groups.get((key[0], MATCHING_CONTROL.get(key[1], "")), [])),
+                **_against_none(group, groups.get((key[0], "none"), []) if key[1] != "none" else []),
             }
         )
     return rows
@@ -505,6 +519,41 @@ def _beyond_control(
     return {"control": control[0]["defense"], "control_paired": paired, "successes_beyond_control": beyond}
 
 
+def _against_none(group: Sequence[Mapping[str, Any]], none: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Pair a defense's targets with the undefended run's, trial by trial: saved, lost, McNemar p."""
+    by_trial = {r["trial"]: _target_successes(r) for r in none}
+    paired = saved = lost = 0
+    for record in group:
+        ours, theirs = _target_successes(record), by_trial.get(record["trial"])
+        if ours is None or theirs is None or len(ours) != len(theirs):
+            continue
+        paired += len(ours)
+        saved += sum(undefended and not hit for hit, undefended in zip(ours, theirs))
+        lost += sum(hit and not undefended for hit, undefended in zip(ours, theirs))
+    if not paired:
+        return {"vs_none_paired": 0, "vs_none_saved": None, "vs_none_lost": None, "vs_none_p": None}
+    return {
+        "vs_none_paired": paired,
+        "vs_none_saved": saved,
+        "vs_none_lost": lost,
+        "vs_none_p": mcnemar_exact(saved, lost),
+    }
+
+
+def _asr_cell(row: Mapping[str, Any]) -> str:
+    """``66.7 (8/12)``, with ``; 95 % CI 39.1-86.2`` for targeted attacks."""
+    cell = f"{100 * row['attack_success_rate']:.1f} ({row['asr_successes']}/{row['asr_evaluated']}"
+    low, high = row.get("asr_ci_low", float("nan")), row.get("asr_ci_high", float("nan"))
+    if not (math.isnan(low) or math.isnan(high)):
+        cell += f"; {100 * low:.1f}-{100 * high:.1f}"
+    return cell + ")"
+
+
+def _p_value(p: float) -> str:
+    """``0.344``, or ``4.9e-04`` below 0.001 (where three decimals would print 0.000)."""
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None) -> str:
     """Render the summary rows as a markdown document."""
     lines = ["# Poisoning benchmark", ""]
@@ -521,7 +570,7 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     for r in rows:
         lines.append(
             f"| {r['attack']} | {r['defense']} | {r['trials']} "
-            f"| {100 * r['attack_success_rate']:.1f} ({r['asr_successes']}/{r['asr_evaluated']}) "
+            f"| {_asr_cell(r)} "
             f"| {100 * r['clean_accuracy']:.1f} ± {100 * r['clean_accuracy_std']:.1f} "
             f"| {r['poisons_dropped']:.1f} / {r['num_poisons']:.1f} "
             f"| {100 * r['poison_recall']:.1f} "
@@ -531,7 +580,8 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     lines += [
         "",
         "ASR pools the scored targets (targeted attacks: one per trial) or triggered test images not of "
-        "the poison class (backdoors) over all trials. Other columns are means over trials; "
+        "the poison class (backdoors) over all trials; for targeted attacks the second range is its 95 % "
+        "Wilson interval over the trials. Other columns are means over trials; "
         "clean accuracy ± the standard deviation over trials. Wall time covers training (EPIC or "
         "baseline rounds included) and scoring; crafting the poisons is done once per trial and attack "
         "and shared by every defense.",
@@ -556,6 +606,22 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
                 f"| {100 * r['successes_beyond_control'] / r['control_paired']:.1f} "
                 f"({r['successes_beyond_control']}/{r['control_paired']}) "
                 f"| {r['target_margin']:+.2f} | {margin[(r['attack'], r['control'])]:+.2f} |"
+            )
+        lines.append("")
+    against = [r for r in rows if r.get("vs_none_paired")]
+    if against:
+        lines += [
+            "Targeted attacks, each other run against no defense on the same trials (the same targets): "
+            "targets the undefended model put in the poison class and the defense did not (saved), the "
+            "reverse (lost), and the two-sided exact McNemar p-value of the difference.",
+            "",
+            "| attack | defense | targets paired | saved | lost | McNemar p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in against:
+            lines.append(
+                f"| {r['attack']} | {r['defense']} | {r['vs_none_paired']} | {r['vs_none_saved']} "
+                f"| {r['vs_none_lost']} | {_p_value(r['vs_none_p'])} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -10,6 +10,8 @@ Defenses: none, epic-0.1, epic-0.2, epic-0.3, and at EPIC-0.2's drop counts (sam
 per class): random, high-loss, low-confidence. Controls on the clean training set, scored on the same
 targets: clean-control (no poison, no defense) and clean-epic-0.2 (no poison, EPIC-0.2). With them in
 the folder, results.md also counts, for none and epic-0.2, the successes their clean run did not have.
+For targeted attacks results.md gives the 95 % Wilson interval of each ASR and pairs every run with none
+on the same trials (targets saved, targets lost, exact McNemar p).
 Attacks: gradient_matching, bullseye_polytope (transfer), feature_collision (transfer), sleeper_agent,
 badnets.
 

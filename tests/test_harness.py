@@ -14,6 +14,7 @@ from hf_epic.harness import (
     RESULTS_FILE,
     HarnessConfig,
     ResultStore,
+    _p_value,
     cell_key,
     run_benchmark,
     summarize,
@@ -210,12 +211,29 @@ def test_successes_beyond_the_matching_clean_run_are_paired_by_trial(tmp_path):
     # epic-0.2: trial 0's success is EPIC's own (clean-epic-0.2 flips it too); trial 2 has no clean run
     assert (rows["epic-0.2"]["successes_beyond_control"], rows["epic-0.2"]["control_paired"]) == (0, 2)
     assert rows["random"]["control"] is None and rows["clean-control"]["control"] is None
+    # against none, trial by trial: epic-0.2 saves trial 1's target and loses none (p = 2 / 2^1 = 1)
+    epic = rows["epic-0.2"]
+    assert (epic["vs_none_paired"], epic["vs_none_saved"], epic["vs_none_lost"]) == (3, 1, 0)
+    assert epic["vs_none_p"] == pytest.approx(1.0)
+    # clean-control: trials 0 and 2 are the poisons' (p = 2 * 1/4 = 0.5); random ran trial 0 only
+    assert (rows["clean-control"]["vs_none_saved"], rows["clean-control"]["vs_none_p"]) == (2, 0.5)
+    assert (rows["random"]["vs_none_paired"], rows["random"]["vs_none_saved"]) == (1, 0)
+    assert rows["none"]["vs_none_paired"] == 0 and rows["none"]["vs_none_p"] is None
+    # 95 % Wilson interval of 3/3 (targeted): n / (n + z^2) = 3 / 6.8415 = 0.43850 to 1
+    assert (
+        rows["none"]["asr_ci_low"] == pytest.approx(0.43850, abs=1e-5) and rows["none"]["asr_ci_high"] == 1.0
+    )
     markdown = write_report(records, tmp_path)["markdown"].read_text()
+    assert "| gradient_matching | none | 3 | 100.0 (3/3; 43.9-100.0) |" in markdown
+    assert "| gradient_matching | epic-0.2 | 3 | 1 | 0 | 1.000 |" in markdown
+    assert "| gradient_matching | clean-control | 3 | 2 | 0 | 0.500 |" in markdown
+    assert _p_value(2 / 4096) == "4.9e-04" and _p_value(0.0625) == "0.062"
     assert "| gradient_matching | none | clean-control | 66.7 (2/3) | +2.00 | -1.83 |" in markdown
     assert "| gradient_matching | epic-0.2 | clean-epic-0.2 | 0.0 (0/2) | +0.17 | -1.40 |" in markdown
     # backdoor records are not paired
     backdoor = [_record(0, "badnets", "none", 9, 10, 0.8), _record(0, "badnets", "clean-control", 1, 10, 0.8)]
     assert summarize(backdoor)[0]["control"] is None
+    assert math.isnan(summarize(backdoor)[0]["asr_ci_low"]) and summarize(backdoor)[1]["vs_none_paired"] == 0
 
 
 def test_target_margins_are_the_poison_logit_over_the_best_other():
