@@ -628,7 +628,7 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
 
 
 def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Draw ASR, clean accuracy and poison recall per attack, one bar per defense, and save a PNG."""
+    """Draw ASR (targeted: with its 95 % interval), clean accuracy and poison recall per attack; save a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,13 +645,19 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         (axes[0][2], "poison_recall", "poisons dropped (% of poisons)"),
     ):
         for j, defense in enumerate(defenses):
-            xs, ys = [], []
+            xs, ys, below, above = [], [], [], []
             for i, attack in enumerate(attacks):
                 row = lookup.get((attack, defense))
                 if row is not None and not math.isnan(row[metric]):
                     xs.append(i + (j - (len(defenses) - 1) / 2) * width)
                     ys.append(100 * row[metric])
-            ax.bar(xs, ys, width=width, label=defense)
+                    low, high = row.get("asr_ci_low", math.nan), row.get("asr_ci_high", math.nan)
+                    has_ci = metric == "attack_success_rate" and not (math.isnan(low) or math.isnan(high))
+                    below.append(100 * (row[metric] - low) if has_ci else 0.0)
+                    above.append(100 * (high - row[metric]) if has_ci else 0.0)
+            # targeted ASR: the 95 % Wilson interval as an error bar
+            errors = [below, above] if any(below) or any(above) else None
+            ax.bar(xs, ys, width=width, label=defense, yerr=errors, capsize=2 if errors else 0)
         ax.set_xticks(range(len(attacks)))
         ax.set_xticklabels(attacks, rotation=20, ha="right")
         ax.set_ylim(0, 100)
