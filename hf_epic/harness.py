@@ -502,38 +502,43 @@ def _target_successes(record: Mapping[str, Any]) -> list[bool] | None:
     return [int(p) == int(record["poison_class"]) for p in predictions]
 
 
+def _paired_targets(
+    group: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]
+) -> list[tuple[bool, bool]]:
+    """Per target scored in both runs of a trial: (landed in the poison class here, there)."""
+    by_trial = {r["trial"]: _target_successes(r) for r in other}
+    pairs: list[tuple[bool, bool]] = []
+    for record in group:
+        ours, theirs = _target_successes(record), by_trial.get(record["trial"])
+        if ours is not None and theirs is not None and len(ours) == len(theirs):
+            pairs += zip(ours, theirs)
+    return pairs
+
+
 def _beyond_control(
     group: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Pair a defense's targets with its clean run's, trial by trial, and count the poisons' own successes."""
-    by_trial = {r["trial"]: _target_successes(r) for r in control}
-    paired = beyond = 0
-    for record in group:
-        ours, theirs = _target_successes(record), by_trial.get(record["trial"])
-        if ours is None or theirs is None or len(ours) != len(theirs):
-            continue
-        paired += len(ours)
-        beyond += sum(hit and not clean_hit for hit, clean_hit in zip(ours, theirs))
-    if not paired:
+    pairs = _paired_targets(group, control)
+    if not pairs:
         return {"control": None, "control_paired": 0, "successes_beyond_control": 0}
-    return {"control": control[0]["defense"], "control_paired": paired, "successes_beyond_control": beyond}
+    beyond = sum(hit and not clean_hit for hit, clean_hit in pairs)
+    return {
+        "control": control[0]["defense"],
+        "control_paired": len(pairs),
+        "successes_beyond_control": beyond,
+    }
 
 
 def _against_none(group: Sequence[Mapping[str, Any]], none: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Pair a defense's targets with the undefended run's, trial by trial: saved, lost, McNemar p."""
-    by_trial = {r["trial"]: _target_successes(r) for r in none}
-    paired = saved = lost = 0
-    for record in group:
-        ours, theirs = _target_successes(record), by_trial.get(record["trial"])
-        if ours is None or theirs is None or len(ours) != len(theirs):
-            continue
-        paired += len(ours)
-        saved += sum(undefended and not hit for hit, undefended in zip(ours, theirs))
-        lost += sum(hit and not undefended for hit, undefended in zip(ours, theirs))
-    if not paired:
+    pairs = _paired_targets(group, none)
+    if not pairs:
         return {"vs_none_paired": 0, "vs_none_saved": None, "vs_none_lost": None, "vs_none_p": None}
+    saved = sum(undefended and not hit for hit, undefended in pairs)
+    lost = sum(hit and not undefended for hit, undefended in pairs)
     return {
-        "vs_none_paired": paired,
+        "vs_none_paired": len(pairs),
         "vs_none_saved": saved,
         "vs_none_lost": lost,
         "vs_none_p": mcnemar_exact(saved, lost),
@@ -541,7 +546,7 @@ def _against_none(group: Sequence[Mapping[str, Any]], none: Sequence[Mapping[str
 
 
 def _asr_cell(row: Mapping[str, Any]) -> str:
-    """``66.7 (8/12)``, with ``; 95 % CI 39.1-86.2`` for targeted attacks."""
+    """``66.7 (8/12)``, or ``66.7 (8/12; 39.1-86.2)`` with the 95 % Wilson interval for targeted attacks."""
     cell = f"{100 * row['attack_success_rate']:.1f} ({row['asr_successes']}/{row['asr_evaluated']}"
     low, high = row.get("asr_ci_low", float("nan")), row.get("asr_ci_high", float("nan"))
     if not (math.isnan(low) or math.isnan(high)):
