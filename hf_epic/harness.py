@@ -585,8 +585,8 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
     lines += [
         "",
         "ASR pools the scored targets (targeted attacks: one per trial) or triggered test images not of "
-        "the poison class (backdoors) over all trials; for targeted attacks the second range is its 95 % "
-        "Wilson interval over the trials. Other columns are means over trials; "
+        "the poison class (backdoors) over all trials; for targeted attacks the range after the counts is "
+        "its 95 % Wilson interval. Other columns are means over trials; "
         "clean accuracy ± the standard deviation over trials. Wall time covers training (EPIC or "
         "baseline rounds included) and scoring; crafting the poisons is done once per trial and attack "
         "and shared by every defense.",
