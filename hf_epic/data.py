@@ -187,6 +187,14 @@ def _plain_split(
     return _to_dataset(images, labels[ids])
 
 
+def check_renders(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless a renderings count is None (the variant's default) or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{name} must be an int >= 1, or None for the variant's default, got {value!r}; use e.g. 1 or 3."
+        )
+
+
 def load_digits_dataset(
     variant: str = "hard",
     seed: int = 0,
@@ -223,16 +231,12 @@ def load_digits_dataset(
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}; use e.g. 32.")
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}; use e.g. 0.2.")
+    check_renders("renders_per_image", renders_per_image)
+    check_renders("test_renders_per_image", test_renders_per_image)
     if renders_per_image is None:
         renders_per_image = 3 if variant == "hard" else 1
     if test_renders_per_image is None:
         test_renders_per_image = 2 if variant == "hard" else 1
-    for name, value in (
-        ("renders_per_image", renders_per_image),
-        ("test_renders_per_image", test_renders_per_image),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}; use e.g. 1 or 3.")
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -213,14 +213,9 @@ class HarnessConfig:
             raise ValueError(
                 f"attack_kwargs={self.attack_kwargs!r}: pass a dict of attack name -> dict of keyword arguments."
             )
-        if self.digits_renders is not None and (
-            isinstance(self.digits_renders, bool)
-            or not isinstance(self.digits_renders, int)
-            or self.digits_renders < 1
-        ):
-            raise ValueError(
-                f"digits_renders={self.digits_renders!r}: use an int >= 1, or None for the default."
-            )
+        from hf_epic.data import check_renders  # the loader's own check, so a bad value fails here
+
+        check_renders("digits_renders", self.digits_renders)
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: use 'sgd' or 'adamw'.")
         if self.model not in ("cnn", "vit", "timm-vit"):
