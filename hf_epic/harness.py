@@ -166,6 +166,12 @@ class HarnessConfig:
             ``HARD_DIGITS_ATTACK_KWARGS`` with ``digits_variant="hard"``, otherwise ``{}`` (each attack's
             own defaults: 1 % budget, epsilon 16/255, 5 % for BadNets).
         seed: base seed; a cell's training seed is ``seed + trial``.
+        attack_seed_offset: added to the trial's seed for the attack alone (its surrogate's initialisation
+            and training, the target and poison draws). 0 (the default, and every result recorded before
+            2026-12-02): the attack shares the victim's seed, so the default surrogate starts from the
+            victim's initial weights. Any other value (e.g. 1000000) gives the attacker a surrogate
+            independent of the victim's initialisation, as in the field's benchmark, where the attacker
+            does not know the victim's seed.
         num_workers: DataLoader workers.
         progress: show progress bars (crafting and training).
         pretrain_epochs: clean training epochs of the feature extractor that the transfer / fine-tuning
@@ -195,6 +201,7 @@ class HarnessConfig:
     baseline_reference: str = "epic-0.2"
     attack_kwargs: dict[str, dict[str, Any]] | None = None
     seed: int = 0
+    attack_seed_offset: int = 0
     num_workers: int = 0
     progress: bool = False
     pretrain_epochs: int = 12
@@ -224,6 +231,10 @@ class HarnessConfig:
             raise ValueError(
                 f"baseline_reference={self.baseline_reference!r}: the baselines copy an EPIC run's drop "
                 f"schedule; use one of {', '.join(EPIC_DEFENSES)}."
+            )
+        if isinstance(self.attack_seed_offset, bool) or not isinstance(self.attack_seed_offset, int):
+            raise ValueError(
+                f"attack_seed_offset={self.attack_seed_offset!r}: pass an int (0 shares the victim's seed)."
             )
         for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
             if not isinstance(value, int) or value < 1:
@@ -701,8 +712,13 @@ def write_report(
 
 
 def _train_seed(config: HarnessConfig, trial: int) -> int:
-    """Seed of a trial (attack crafting and model training)."""
+    """Seed of a trial's model training (and of its attack when ``attack_seed_offset`` is 0)."""
     return int(config.seed) * 1000 + int(trial)
+
+
+def _attack_seed(config: HarnessConfig, trial: int) -> int:
+    """Seed of a trial's attack: the training seed plus ``config.attack_seed_offset``."""
+    return _train_seed(config, trial) + int(config.attack_seed_offset)
 
 
 def _attack_function(attack: str) -> Callable[..., Any]:
@@ -858,7 +874,7 @@ def craft_or_load(
     craft = _attack_function(attack)
     parameters = inspect.signature(craft).parameters
     kwargs: dict[str, Any] = dict(config.attack_kwargs.get(attack, {}))
-    kwargs.setdefault("seed", _train_seed(config, trial))
+    kwargs.setdefault("seed", _attack_seed(config, trial))
     if "target_ds" in parameters:
         kwargs.setdefault("target_ds", splits["test"])
     if "progress" in parameters:

@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         "HARD_DIGITS_ATTACK_KWARGS with --digits_variant hard, else {})",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--attack_seed_offset",
+        type=int,
+        default=defaults.attack_seed_offset,
+        help="added to each trial's seed for the attack alone (0: the surrogate starts from the victim's "
+        "initial weights; e.g. 1000000: an attacker who does not know the victim's seed)",
+    )
     parser.add_argument("--num_workers", type=int, default=defaults.num_workers)
     parser.add_argument("--progress", action="store_true", help="show crafting/training progress bars")
     parser.add_argument(

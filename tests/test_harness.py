@@ -1,5 +1,6 @@
 """The benchmark harness: config checks, the JSONL store, the report, and a resumable end-to-end run."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -69,6 +70,8 @@ def test_config_rejects_bad_settings_before_training():
         HarnessConfig(epic_cluster_threshold=0)
     with pytest.raises(ValueError, match="digits_renders"):
         HarnessConfig(digits_renders=0)
+    with pytest.raises(ValueError, match="attack_seed_offset"):
+        HarnessConfig(attack_seed_offset="1000000")
 
 
 def test_digits_renders_reaches_the_loaded_training_split():
@@ -377,6 +380,22 @@ def test_epic_options_reach_the_trainer(tmp_path):
     assert dropped[2] > dropped[1] > 0
 
 
+def test_attack_seed_offset_reseeds_the_attack_but_not_the_victim(tmp_path):
+    from hf_epic.harness import _train_seed, craft_or_load, load_benchmark_dataset
+
+    specs = {}
+    for offset in (0, 1000000):
+        config = HarnessConfig(**{**SMALL, "attack_seed_offset": offset})
+        splits = load_benchmark_dataset(config)
+        _, specs[offset], _ = craft_or_load("badnets", 3, splits, config, tmp_path / str(offset))
+        # the victim's training seed is the trial's, whatever the attack's
+        assert _train_seed(config, 3) == 3
+    assert specs[0].seed == 3
+    assert specs[1000000].seed == 1000003
+    # another seed draws other poison rows
+    assert specs[0].poison_indices != specs[1000000].poison_indices
+
+
 def test_cli_parses_trial_selections():
     cli = _benchmark_cli()
     parser = cli.build_parser()
@@ -395,6 +414,13 @@ def test_cli_parses_trial_selections():
         "cosine",
         1,
     )
+    assert parser.parse_args(["--attack_seed_offset", "1000000"]).attack_seed_offset == 1000000
+    # every HarnessConfig setting has its flag, with the config's default
+    defaults = vars(parser.parse_args([]))
+    for field in dataclasses.fields(HarnessConfig):
+        assert field.name in defaults, f"recipes/benchmark.py has no --{field.name}"
+        if field.name != "attack_kwargs":
+            assert defaults[field.name] == field.default, field.name
     with pytest.raises(SystemExit):
         parser.parse_args(["--epic_stop", "ten"])
     with pytest.raises(SystemExit):
