@@ -451,6 +451,9 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         put in the poison class and the defense did not), ``vs_none_lost`` (the reverse) and
         ``vs_none_p`` (the two-sided exact McNemar p-value of the difference,
         :func:`hf_epic.significance.mcnemar_exact`); ``vs_none_paired`` is 0 and the rest None otherwise.
+        Every row has ``drops_by_round``: per round epoch, the mean share of the poisons and of the
+        clean rows dropped in that round (``[]`` for runs without rounds, or with records from before
+        ``poisons_dropped_per_round`` was written).
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
@@ -495,9 +498,43 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "target_margin": _mean([m for r in group for m in (r.get("target_margins") or [])]),
                 **_beyond_control(group, groups.get((key[0], MATCHING_CONTROL.get(key[1], "")), [])),
                 **_against_none(group, groups.get((key[0], "none"), []) if key[1] != "none" else []),
+                "drops_by_round": _drops_by_round(group),
             }
         )
     return rows
+
+
+def _drops_by_round(group: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Per round epoch: the mean share of a trial's poisons and of its clean rows dropped in that round.
+
+    Only records that carry ``poisons_dropped_per_round`` (written since 2026-12-02) count; a record
+    without a round at some epoch counts as dropping nothing then. The poison share is NaN when no
+    counted trial has poisons (the clean-set runs).
+    """
+    usable = [
+        r
+        for r in group
+        if r.get("poisons_dropped_per_round") is not None
+        and None not in r["poisons_dropped_per_round"]
+        and len(r["poisons_dropped_per_round"])
+        == len(r.get("round_epochs") or [])
+        == len(r.get("rounds_per_class") or [])
+    ]
+    epochs = sorted({int(e) for r in usable for e in r["round_epochs"]})
+    out = []
+    for epoch in epochs:
+        poison_shares, clean_shares = [], []
+        for r in usable:
+            k = r["round_epochs"].index(epoch) if epoch in r["round_epochs"] else None
+            poisons = int(r["poisons_dropped_per_round"][k]) if k is not None else 0
+            dropped = sum(int(n) for n in r["rounds_per_class"][k].values()) if k is not None else 0
+            num_clean = int(r["num_rows"]) - int(r["num_poisons"])
+            if r["num_poisons"]:
+                poison_shares.append(poisons / r["num_poisons"])
+            if num_clean:
+                clean_shares.append((dropped - poisons) / num_clean)
+        out.append({"epoch": epoch, "poisons": _mean(poison_shares), "clean": _mean(clean_shares)})
+    return out
 
 
 def _target_successes(record: Mapping[str, Any]) -> list[bool] | None:
@@ -619,6 +656,7 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
                 f"| {r['target_margin']:+.2f} | {margin[(r['attack'], r['control'])]:+.2f} |"
             )
         lines.append("")
+    lines += _drops_by_round_tables(rows)
     against = [r for r in rows if r.get("vs_none_paired")]
     if against:
         lines += [
@@ -636,6 +674,36 @@ def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _drops_by_round_tables(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per attack, each round's share of the poisons and of the clean rows dropped."""
+    lines: list[str] = []
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        with_rounds = [r for r in rows if r["attack"] == attack and r.get("drops_by_round")]
+        if not with_rounds:
+            continue
+        epochs = sorted({d["epoch"] for r in with_rounds for d in r["drops_by_round"]})
+        lines += [
+            f"{attack}: when the rows were dropped. Each cell is the share of the trial's poisons / of its "
+            "clean rows dropped in the round after that epoch, in %, averaged over the trials (a defense "
+            "that finds the poisons drops a larger share of them than of the clean rows).",
+            "",
+            "| round after epoch | " + " | ".join(r["defense"] for r in with_rounds) + " |",
+            "|---|" + "---|" * len(with_rounds),
+        ]
+        for epoch in epochs:
+            cells = []
+            for r in with_rounds:
+                d = next((d for d in r["drops_by_round"] if d["epoch"] == epoch), None)
+                if d is None:
+                    cells.append("")
+                    continue
+                poisons = "-" if math.isnan(d["poisons"]) else f"{100 * d['poisons']:.1f}"
+                cells.append(f"{poisons} / {100 * d['clean']:.1f}")
+            lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -1159,6 +1227,10 @@ def run_cell(
         "clean_dropped_fraction": detection["clean_dropped_fraction"],
         "rounds_per_class": [{str(c): n for c, n in r.items()} for r in rounds],
         "round_epochs": [int(r["epoch"]) for r in (state.rounds if state is not None else [])],
+        # the callback counts each round's poisons from the is_poison column
+        "poisons_dropped_per_round": [
+            r.get("poisons_dropped") for r in (state.rounds if state is not None else [])
+        ],
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - cell_start,
     }

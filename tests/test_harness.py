@@ -246,6 +246,46 @@ def test_target_margins_are_the_poison_logit_over_the_best_other():
     assert [m > 0 for m in target_margins(logits, 0)] == [False, True, False]
 
 
+def test_drops_by_round_are_shares_of_the_trials_poisons_and_clean_rows(tmp_path):
+    def dropped(trial, defense, epochs, poisons, per_class, **extra):
+        return _record(
+            trial,
+            "gradient_matching",
+            defense,
+            0,
+            1,
+            0.9,
+            num_rows=110,
+            round_epochs=epochs,
+            poisons_dropped_per_round=poisons,
+            rounds_per_class=per_class,
+            **extra,
+        )
+
+    records = [
+        # 10 poisons and 100 clean rows per trial
+        dropped(0, "epic-0.2", [2, 4], [4, 1], [{"0": 10, "1": 4}, {"1": 3}]),
+        dropped(1, "epic-0.2", [2, 4], [2, 0], [{"0": 22}, {}]),
+        dropped(0, "clean-epic-0.2", [2], [0], [{"0": 5}], num_poisons=0),
+        _record(0, "gradient_matching", "none", 1, 1, 0.9),
+        # written before the per-round poison counts: not counted
+        _record(2, "gradient_matching", "epic-0.2", 0, 1, 0.9, round_epochs=[2], rounds_per_class=[{"0": 9}]),
+    ]
+    rows = {r["defense"]: r for r in summarize(records)}
+    epic = rows["epic-0.2"]["drops_by_round"]
+    assert [d["epoch"] for d in epic] == [2, 4]
+    # epoch 2: poisons 4/10 and 2/10, clean (14-4)/100 and (22-2)/100; epoch 4: 1/10 and 0, 2/100 and 0
+    assert epic[0]["poisons"] == pytest.approx(0.3) and epic[0]["clean"] == pytest.approx(0.15)
+    assert epic[1]["poisons"] == pytest.approx(0.05) and epic[1]["clean"] == pytest.approx(0.01)
+    clean = rows["clean-epic-0.2"]["drops_by_round"]
+    assert math.isnan(clean[0]["poisons"]) and clean[0]["clean"] == pytest.approx(5 / 110)
+    assert rows["none"]["drops_by_round"] == []
+    markdown = write_report(records, tmp_path)["markdown"].read_text()
+    assert "| round after epoch | epic-0.2 | clean-epic-0.2 |" in markdown
+    assert "| 2 | 30.0 / 15.0 | - / 4.5 |" in markdown
+    assert "| 4 | 5.0 / 1.0 |  |" in markdown
+
+
 def test_write_report_writes_markdown_json_and_png(tmp_path):
     records = [_record(0, "badnets", "none", 9, 10, 0.8), _record(0, "badnets", "epic-0.2", 1, 10, 0.78)]
     paths = write_report(records, tmp_path, {"dataset": "digits", "epochs": 3})
@@ -375,6 +415,9 @@ def test_epic_options_reach_the_trainer(tmp_path):
             0, "badnets", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / str(threshold)
         )
         assert record["round_epochs"] == [1]
+        # the per-round poison counts add up to the poisons dropped (dropping is cumulative)
+        assert sum(record["poisons_dropped_per_round"]) == record["poisons_dropped"]
+        assert len(record["poisons_dropped_per_round"]) == 1
         dropped[threshold] = record["num_dropped"]
     # the same model at the same round: clusters of up to two rows include the isolated ones
     assert dropped[2] > dropped[1] > 0
