@@ -166,7 +166,7 @@ class HarnessConfig:
             when ``dataset="digits"`` (the offline setting where the attacks work),
             ``HARD_DIGITS_ATTACK_KWARGS`` with ``digits_variant="hard"``, otherwise ``{}`` (each attack's
             own defaults: 1 % budget, epsilon 16/255, 5 % for BadNets).
-        seed: base seed; a cell's training seed is ``seed + trial``.
+        seed: base seed; a cell's training seed is ``seed * 1000 + trial``.
         attack_seed_offset: added to the trial's seed for the attack alone (its surrogate's initialisation
             and training, the target and poison draws). 0 (the default, and every result recorded before
             2026-12-02): the attack shares the victim's seed, so the default surrogate starts from the
@@ -453,7 +453,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``vs_none_p`` (the two-sided exact McNemar p-value of the difference,
         :func:`hf_epic.significance.mcnemar_exact`); ``vs_none_paired`` is 0 and the rest None otherwise.
         Every row has ``drops_by_round``: per round epoch, the mean share of the poisons and of the
-        clean rows dropped in that round (``[]`` for runs without rounds, or with records from before
+        clean rows dropped in that round, and the trials counted (``[]`` for runs without rounds, or with records from before
         ``poisons_dropped_per_round`` was written).
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -534,7 +534,14 @@ def _drops_by_round(group: Sequence[Mapping[str, Any]]) -> list[dict[str, float]
                 poison_shares.append(poisons / r["num_poisons"])
             if num_clean:
                 clean_shares.append((dropped - poisons) / num_clean)
-        out.append({"epoch": epoch, "poisons": _mean(poison_shares), "clean": _mean(clean_shares)})
+        out.append(
+            {
+                "epoch": epoch,
+                "poisons": _mean(poison_shares),
+                "clean": _mean(clean_shares),
+                "trials": len(usable),
+            }
+        )
     return out
 
 
@@ -687,10 +694,13 @@ def _drops_by_round_tables(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         epochs = sorted({d["epoch"] for r in with_rounds for d in r["drops_by_round"]})
         lines += [
             f"{attack}: when the rows were dropped. Each cell is the share of the trial's poisons / of its "
-            "clean rows dropped in the round after that epoch, in %, averaged over the trials (a defense "
+            "clean rows dropped in the round after that epoch, in %, averaged over the n trials that recorded it (a defense "
             "that finds the poisons drops a larger share of them than of the clean rows).",
             "",
-            "| round after epoch | " + " | ".join(r["defense"] for r in with_rounds) + " |",
+            # trials counted: records written before the per-round poison counts are left out
+            "| round after epoch | "
+            + " | ".join(f"{r['defense']} (n = {r['drops_by_round'][0]['trials']})" for r in with_rounds)
+            + " |",
             "|---|" + "---|" * len(with_rounds),
         ]
         for epoch in epochs:

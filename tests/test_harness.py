@@ -281,7 +281,8 @@ def test_drops_by_round_are_shares_of_the_trials_poisons_and_clean_rows(tmp_path
     assert math.isnan(clean[0]["poisons"]) and clean[0]["clean"] == pytest.approx(5 / 110)
     assert rows["none"]["drops_by_round"] == []
     markdown = write_report(records, tmp_path)["markdown"].read_text()
-    assert "| round after epoch | epic-0.2 | clean-epic-0.2 |" in markdown
+    # the record without per-round poison counts is left out of the count
+    assert "| round after epoch | epic-0.2 (n = 2) | clean-epic-0.2 (n = 1) |" in markdown
     assert "| 2 | 30.0 / 15.0 | - / 4.5 |" in markdown
     assert "| 4 | 5.0 / 1.0 |  |" in markdown
 
