@@ -453,8 +453,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``vs_none_p`` (the two-sided exact McNemar p-value of the difference,
         :func:`hf_epic.significance.mcnemar_exact`); ``vs_none_paired`` is 0 and the rest None otherwise.
         Every row has ``drops_by_round``: per round epoch, the mean share of the poisons and of the
-        clean rows dropped in that round, and the trials counted (``[]`` for runs without rounds, or with records from before
-        ``poisons_dropped_per_round`` was written).
+        clean rows dropped in that round, and the trials counted (``[]`` for runs without rounds, or
+        with records from before ``poisons_dropped_per_round`` was written).
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
