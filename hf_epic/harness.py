@@ -453,8 +453,8 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``vs_none_p`` (the two-sided exact McNemar p-value of the difference,
         :func:`hf_epic.significance.mcnemar_exact`); ``vs_none_paired`` is 0 and the rest None otherwise.
         Every row has ``drops_by_round``: per round epoch, the mean share of the poisons and of the
-        clean rows dropped in that round, and the trials counted (``[]`` for runs without rounds, or
-        with records from before ``poisons_dropped_per_round`` was written).
+        clean rows dropped in that round (``[]`` for runs without rounds, or with records from before
+        ``poisons_dropped_per_round`` was written), and ``drops_by_round_trials``, the records counted.
     """
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
@@ -477,6 +477,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         targeted = all(_target_successes(r) is not None for r in group)
         low, high = wilson_interval(successes, evaluated) if targeted else (float("nan"), float("nan"))
         accuracies = [r["clean_accuracy"] for r in group]
+        drops_by_round, drops_counted = _drops_by_round(group)
         rows.append(
             {
                 "attack": key[0],
@@ -499,18 +500,23 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "target_margin": _mean([m for r in group for m in (r.get("target_margins") or [])]),
                 **_beyond_control(group, groups.get((key[0], MATCHING_CONTROL.get(key[1], "")), [])),
                 **_against_none(group, groups.get((key[0], "none"), []) if key[1] != "none" else []),
-                "drops_by_round": _drops_by_round(group),
+                "drops_by_round": drops_by_round,
+                "drops_by_round_trials": drops_counted,
             }
         )
     return rows
 
 
-def _drops_by_round(group: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+def _drops_by_round(group: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, float]], int]:
     """Per round epoch: the mean share of a trial's poisons and of its clean rows dropped in that round.
 
     Only records that carry ``poisons_dropped_per_round`` (written since 2026-12-02) count; a record
     without a round at some epoch counts as dropping nothing then. The poison share is NaN when no
     counted trial has poisons (the clean-set runs).
+
+    Returns:
+        ``(rounds, trials)``: one ``{"epoch", "poisons", "clean"}`` dict per round epoch, and the number
+        of records counted.
     """
     usable = [
         r
@@ -521,28 +527,28 @@ def _drops_by_round(group: Sequence[Mapping[str, Any]]) -> list[dict[str, float]
         == len(r.get("round_epochs") or [])
         == len(r.get("rounds_per_class") or [])
     ]
-    epochs = sorted({int(e) for r in usable for e in r["round_epochs"]})
+    # per record: round epoch -> (poisons dropped, rows dropped) in that round
+    per_record = [
+        {
+            int(epoch): (int(poisons), sum(int(n) for n in per_class.values()))
+            for epoch, poisons, per_class in zip(
+                r["round_epochs"], r["poisons_dropped_per_round"], r["rounds_per_class"]
+            )
+        }
+        for r in usable
+    ]
     out = []
-    for epoch in epochs:
+    for epoch in sorted({e for drops in per_record for e in drops}):
         poison_shares, clean_shares = [], []
-        for r in usable:
-            k = r["round_epochs"].index(epoch) if epoch in r["round_epochs"] else None
-            poisons = int(r["poisons_dropped_per_round"][k]) if k is not None else 0
-            dropped = sum(int(n) for n in r["rounds_per_class"][k].values()) if k is not None else 0
+        for r, drops in zip(usable, per_record):
+            poisons, dropped = drops.get(epoch, (0, 0))
             num_clean = int(r["num_rows"]) - int(r["num_poisons"])
             if r["num_poisons"]:
                 poison_shares.append(poisons / r["num_poisons"])
             if num_clean:
                 clean_shares.append((dropped - poisons) / num_clean)
-        out.append(
-            {
-                "epoch": epoch,
-                "poisons": _mean(poison_shares),
-                "clean": _mean(clean_shares),
-                "trials": len(usable),
-            }
-        )
-    return out
+        out.append({"epoch": epoch, "poisons": _mean(poison_shares), "clean": _mean(clean_shares)})
+    return out, len(usable)
 
 
 def _target_successes(record: Mapping[str, Any]) -> list[bool] | None:
@@ -699,7 +705,7 @@ def _drops_by_round_tables(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "",
             # trials counted: records written before the per-round poison counts are left out
             "| round after epoch | "
-            + " | ".join(f"{r['defense']} (n = {r['drops_by_round'][0]['trials']})" for r in with_rounds)
+            + " | ".join(f"{r['defense']} (n = {r['drops_by_round_trials']})" for r in with_rounds)
             + " |",
             "|---|" + "---|" * len(with_rounds),
         ]
@@ -1213,10 +1219,8 @@ def run_cell(
     predictions = predict_classes(trainer.model, test_ds, config)
     accuracy = load_metric("clean_accuracy").compute(predictions=predictions, references=test_ds["label"])
     attack_scores = _score_attack(trainer.model, spec, test_ds, config)
-    rounds = [
-        {int(c): int(n) for c, n in r.get("newly_dropped_per_class", {}).items()}
-        for r in (state.rounds if state is not None else [])
-    ]
+    state_rounds = state.rounds if state is not None else []
+    rounds = [{int(c): int(n) for c, n in r.get("newly_dropped_per_class", {}).items()} for r in state_rounds]
     return {
         "key": cell_key(trial, attack, defense),
         "trial": trial,
@@ -1237,11 +1241,9 @@ def run_cell(
         "f1": detection["f1"],
         "clean_dropped_fraction": detection["clean_dropped_fraction"],
         "rounds_per_class": [{str(c): n for c, n in r.items()} for r in rounds],
-        "round_epochs": [int(r["epoch"]) for r in (state.rounds if state is not None else [])],
+        "round_epochs": [int(r["epoch"]) for r in state_rounds],
         # the callback counts each round's poisons from the is_poison column
-        "poisons_dropped_per_round": [
-            r.get("poisons_dropped") for r in (state.rounds if state is not None else [])
-        ],
+        "poisons_dropped_per_round": [r.get("poisons_dropped") for r in state_rounds],
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - cell_start,
     }

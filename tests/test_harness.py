@@ -274,6 +274,7 @@ def test_drops_by_round_are_shares_of_the_trials_poisons_and_clean_rows(tmp_path
     rows = {r["defense"]: r for r in summarize(records)}
     epic = rows["epic-0.2"]["drops_by_round"]
     assert [d["epoch"] for d in epic] == [2, 4]
+    assert rows["epic-0.2"]["drops_by_round_trials"] == 2  # the record without per-round counts is left out
     # epoch 2: poisons 4/10 and 2/10, clean (14-4)/100 and (22-2)/100; epoch 4: 1/10 and 0, 2/100 and 0
     assert epic[0]["poisons"] == pytest.approx(0.3) and epic[0]["clean"] == pytest.approx(0.15)
     assert epic[1]["poisons"] == pytest.approx(0.05) and epic[1]["clean"] == pytest.approx(0.01)
