@@ -65,8 +65,8 @@ DIGITS_ATTACK_KWARGS: dict[str, dict[str, Any]] = {
     # Both numbers share one advantage: the surrogate is seeded with the trial seed, as the victim is,
     # so it starts from the victim's initial weights. An attacker with its own seed
     # (``attack_seed_offset``) reached 50.0 % over 24 trials on three renderings (session 15), and
-    # 87.5 % with ``"ensemble": 3`` added (session 16; clean control 0/24); 92.1 % over 38 trials
-    # (session 17).
+    # 87.5 % with ``"ensemble": 3`` added (session 16; clean control 0/24), and 87.5 % over 48 trials
+    # (sessions 16-18).
     "gradient_matching": {
         "budget": 0.01,
         "epsilon": 64 / 255,
