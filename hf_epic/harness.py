@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .machine import describe_machine, machine_fingerprint
 from .significance import mcnemar_exact, wilson_interval
 
 ATTACKS = ("gradient_matching", "bullseye_polytope", "feature_collision", "sleeper_agent", "badnets")
@@ -618,14 +619,56 @@ def _p_value(p: float) -> str:
     return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
 
 
-def _markdown_table(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None) -> str:
-    """Render the summary rows as a markdown document."""
+def machines(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The kinds of machine the records were measured on, most cells first.
+
+    Args:
+        records: cell records; those written before cells recorded their machine count as ``None``.
+
+    Returns:
+        ``[{"machine": fingerprint or None, "cells": count}, ...]``.
+    """
+    counts: dict[str, int] = {}
+    for record in records:
+        key = json.dumps(record.get("machine"), sort_keys=True)
+        counts[key] = counts.get(key, 0) + 1
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    return [{"machine": json.loads(key), "cells": n} for key, n in ordered]
+
+
+def _machine_lines(kinds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines naming the machines the cells ran on, with a warning when there are several."""
+    if not kinds:
+        return []
+
+    def name(kind: Mapping[str, Any]) -> str:
+        return describe_machine(kind["machine"]) if kind["machine"] else "not recorded (older cells)"
+
+    if len(kinds) == 1:
+        return [f"Machine: {name(kinds[0])}.", ""]
+    lines = [
+        f"Machines: the cells come from {len(kinds)} kinds of machine. A seeded cell is deterministic on "
+        "one kind only: on another, training rounds differently and a single trial can change outcome "
+        "(the cached poisons, hence the targets, stay the same). Compare rates over many trials.",
+        "",
+    ]
+    lines += [f"- {kind['cells']} cells: {name(kind)}" for kind in kinds]
+    return lines + [""]
+
+
+def _markdown_table(
+    rows: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    kinds: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """Render the summary rows (and the kinds of machine, from ``machines``) as a markdown document."""
     lines = ["# Poisoning benchmark", ""]
     if config:
         settings = ", ".join(f"{k}={v}" for k, v in config.items() if k != "attack_kwargs")
         lines += [f"Settings: {settings}.", ""]
         if config.get("attack_kwargs"):
             lines += [f"Attack arguments: `{json.dumps(config['attack_kwargs'], sort_keys=True)}`.", ""]
+    lines += _machine_lines(kinds)
     lines += [
         "| attack | defense | trials | ASR % (successes/scored) | clean acc % | poisons dropped "
         "| poison recall % | clean rows dropped (% of clean) | wall s / trial | craft s / trial |",
@@ -772,7 +815,7 @@ def write_report(
     output_dir: str | os.PathLike,
     config: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``results.md``, ``results.json`` (summary rows, settings and every record) and ``results.png``.
+    """Write ``results.md``, ``results.json`` (summary rows, settings, machines, every record) and ``results.png``.
 
     Args:
         records: cell records.
@@ -787,8 +830,9 @@ def write_report(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "results.md", "json": out / "results.json", "plot": out / "results.png"}
-    paths["markdown"].write_text(_markdown_table(rows, config))
-    payload = {"config": dict(config or {}), "summary": rows, "records": records}
+    kinds = machines(records)
+    paths["markdown"].write_text(_markdown_table(rows, config, kinds))
+    payload = {"config": dict(config or {}), "summary": rows, "machines": kinds, "records": records}
     paths["json"].write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     _plot(rows, paths["plot"])
     return paths
@@ -1248,6 +1292,7 @@ def run_cell(
         "poisons_dropped_per_round": [r.get("poisons_dropped") for r in state_rounds],
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - cell_start,
+        "machine": machine_fingerprint(),
     }
 
 

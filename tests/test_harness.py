@@ -17,11 +17,13 @@ from hf_epic.harness import (
     ResultStore,
     _p_value,
     cell_key,
+    machines,
     run_benchmark,
     summarize,
     target_margins,
     write_report,
 )
+from hf_epic.machine import describe_machine, machine_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -288,6 +290,42 @@ def test_drops_by_round_are_shares_of_the_trials_poisons_and_clean_rows(tmp_path
     assert "| 4 | 5.0 / 1.0 |  |" in markdown
 
 
+def test_report_names_the_machines_and_warns_when_a_folder_mixes_them(tmp_path):
+    avx512 = {"device": "cpu", "cpu": "CPU A", "cpu_capability": "AVX512", "torch": "2.14.1"}
+    avx2 = {**avx512, "cpu": "CPU B", "cpu_capability": "AVX2"}
+    records = [
+        _record(0, "badnets", "none", 9, 10, 0.8, machine=avx512),
+        _record(0, "badnets", "epic-0.2", 1, 10, 0.78, machine=avx512),
+        _record(1, "badnets", "none", 8, 10, 0.8, machine=avx2),
+        _record(2, "badnets", "none", 7, 10, 0.8),  # written before records named their machine
+    ]
+    assert machines(records) == [
+        {"machine": avx512, "cells": 2},
+        {"machine": avx2, "cells": 1},
+        {"machine": None, "cells": 1},
+    ]
+    paths = write_report(records, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "the cells come from 3 kinds of machine" in markdown
+    assert "- 2 cells: cpu: CPU A (AVX512), torch 2.14.1" in markdown
+    assert "- 1 cells: cpu: CPU B (AVX2), torch 2.14.1" in markdown
+    assert "- 1 cells: not recorded (older cells)" in markdown
+    assert json.loads(paths["json"].read_text())["machines"] == machines(records)
+    # one kind of machine: named once, no warning
+    markdown = write_report(records[:2], tmp_path)["markdown"].read_text()
+    assert "Machine: cpu: CPU A (AVX512), torch 2.14.1." in markdown and "kinds of machine" not in markdown
+
+
+def test_machine_fingerprint_names_what_decides_the_numbers():
+    fingerprint = machine_fingerprint()
+    assert fingerprint["torch"] == torch.__version__
+    assert fingerprint["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert fingerprint["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    assert fingerprint["cpu"] and all(isinstance(v, str) for v in fingerprint.values())
+    assert json.loads(json.dumps(fingerprint)) == fingerprint
+    assert fingerprint["cpu_capability"] in describe_machine(fingerprint)
+
+
 def test_write_report_writes_markdown_json_and_png(tmp_path):
     records = [_record(0, "badnets", "none", 9, 10, 0.8), _record(0, "badnets", "epic-0.2", 1, 10, 0.78)]
     paths = write_report(records, tmp_path, {"dataset": "digits", "epochs": 3})
@@ -322,6 +360,7 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
     assert none["attack_kind"] == "backdoor" and none["poison_class"] == spec["poison_class"]
     assert none["num_poisons"] == len(spec["poison_indices"]) == round(spec["budget"] * 200) > 0
     assert none["num_dropped"] == 0 and none["poisons_dropped"] == 0
+    assert none["machine"] == machine_fingerprint()  # which kind of machine computed this cell
     assert 0.0 <= none["clean_accuracy"] <= 1.0 and none["num_evaluated"] > 0
     # an interrupt in the middle of writing leaves a torn line; it must not cost the finished cell
     with open(out / RESULTS_FILE, "a") as handle:
@@ -359,6 +398,7 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
     assert (out / "poisons" / "badnets" / "trial_000" / "craft.json").exists()
     markdown = (out / "results.md").read_text()
     assert "| badnets | none | 1 |" in markdown and "| badnets | epic-0.2 | 1 |" in markdown
+    assert f"Machine: {describe_machine(machine_fingerprint())}." in markdown
 
     # 3) the command line over the finished grid trains nothing and rewrites the report
     argv = [
