@@ -648,11 +648,11 @@ def _machine_lines(kinds: Sequence[Mapping[str, Any]]) -> list[str]:
         return [f"Machine: {name(kinds[0])}.", ""]
     lines = [
         f"Machines: the cells come from {len(kinds)} kinds of machine. A seeded cell is deterministic on "
-        "one kind only: on another, training rounds differently and a single trial can change outcome "
-        "(the cached poisons, hence the targets, stay the same). Compare rates over many trials.",
+        "one kind only: on another, floating-point sums round differently and a single trial can change "
+        "outcome (the cached poisons, hence the targets, stay the same). Compare rates over many trials.",
         "",
     ]
-    lines += [f"- {kind['cells']} cells: {name(kind)}" for kind in kinds]
+    lines += [f"- {kind['cells']} cell{'' if kind['cells'] == 1 else 's'}: {name(kind)}" for kind in kinds]
     return lines + [""]
 
 

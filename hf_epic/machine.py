@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import platform
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 
 import torch
@@ -40,7 +41,6 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-@functools.lru_cache(maxsize=1)
 def machine_fingerprint() -> dict[str, str]:
     """What decides whether two seeded runs of the same command compute the same numbers.
 
@@ -48,13 +48,18 @@ def machine_fingerprint() -> dict[str, str]:
         A JSON-serialisable dict of strings: ``device`` (the CUDA device's name, or ``cpu``), ``cpu``
         (the processor's model name), ``cpu_capability`` (the vector instructions torch's CPU kernels
         use), ``platform``, ``python`` and the versions of torch, transformers, timm, datasets and numpy.
-        Computed once per process.
+        Computed once per process; each call returns a fresh copy.
 
     Example:
         >>> from hf_epic.machine import machine_fingerprint
         >>> machine_fingerprint()["cpu_capability"]  # doctest: +SKIP
         'AVX512'
     """
+    return dict(_fingerprint())
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint() -> dict[str, str]:
     fingerprint = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cpu": _cpu_name(),
@@ -67,7 +72,7 @@ def machine_fingerprint() -> dict[str, str]:
     return fingerprint
 
 
-def describe_machine(fingerprint: dict[str, str]) -> str:
+def describe_machine(fingerprint: Mapping[str, str]) -> str:
     """One line for a report, e.g. ``cpu: AMD EPYC (AVX512), Linux x86_64, torch 2.14.1, ...``."""
     device, cpu = fingerprint.get("device", "?"), fingerprint.get("cpu", "?")
     head = f"{device}: {cpu} ({fingerprint.get('cpu_capability', '?')})"

@@ -308,8 +308,8 @@ def test_report_names_the_machines_and_warns_when_a_folder_mixes_them(tmp_path):
     markdown = paths["markdown"].read_text()
     assert "the cells come from 3 kinds of machine" in markdown
     assert "- 2 cells: cpu: CPU A (AVX512), torch 2.14.1" in markdown
-    assert "- 1 cells: cpu: CPU B (AVX2), torch 2.14.1" in markdown
-    assert "- 1 cells: not recorded (older cells)" in markdown
+    assert "- 1 cell: cpu: CPU B (AVX2), torch 2.14.1" in markdown
+    assert "- 1 cell: not recorded (older cells)" in markdown
     assert json.loads(paths["json"].read_text())["machines"] == machines(records)
     # one kind of machine: named once, no warning
     markdown = write_report(records[:2], tmp_path)["markdown"].read_text()
@@ -324,6 +324,8 @@ def test_machine_fingerprint_names_what_decides_the_numbers():
     assert fingerprint["cpu"] and all(isinstance(v, str) for v in fingerprint.values())
     assert json.loads(json.dumps(fingerprint)) == fingerprint
     assert fingerprint["cpu_capability"] in describe_machine(fingerprint)
+    fingerprint["cpu"] = "changed by a caller"
+    assert machine_fingerprint()["cpu"] != "changed by a caller"  # a copy: records cannot alter the cache
 
 
 def test_write_report_writes_markdown_json_and_png(tmp_path):
