@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,12 +18,24 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .common import check_count, check_targets, freeze, get_surrogate, load_training_set, unfreeze
+from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
 from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, features_of, predict
 
 OBJECTIVES = {"polytope": "bullseye_polytope", "collision": "feature_collision"}
 """Objective -> the attack name recorded in ``PoisonSpec.attack``."""
 SETTINGS = ("transfer", "finetune")
+
+
+@dataclass
+class FeatureSpaceSettings(TargetedSettings):
+    """Settings of the feature-space attacks (the keyword arguments of
+    :func:`craft_feature_space_attack` but ``objective``)."""
+
+    setting: str = "transfer"
+    steps: int = 300
+    step_size: float = 0.05
+    poison_selection: str = "nearest"
 
 
 def feature_loss(
@@ -279,3 +292,30 @@ def alias_signature() -> inspect.Signature:
     """
     sig = inspect.signature(craft_feature_space_attack)
     return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "objective"])
+
+
+@register_attack("bullseye_polytope", kind="targeted", needs="features", settings=FeatureSpaceSettings)
+def craft_bullseye_polytope(train_ds: Dataset, **kwargs: Any) -> tuple[Dataset, PoisonSpec]:
+    """Bullseye Polytope (Aghakhani et al., EuroS&P 2021): the *mean* of the poisons' penultimate
+    features is pulled onto the target's, so the target sits at the centre ("bullseye") of the polytope
+    the poisons span in feature space.
+
+    :func:`craft_feature_space_attack` with ``objective="polytope"``: the same keyword arguments and
+    return value (``spec.attack == "bullseye_polytope"``).
+    """
+    return craft_feature_space_attack(train_ds, objective="polytope", **kwargs)
+
+
+@register_attack("feature_collision", kind="targeted", needs="features", settings=FeatureSpaceSettings)
+def craft_feature_collision(train_ds: Dataset, **kwargs: Any) -> tuple[Dataset, PoisonSpec]:
+    """Feature Collision ("Poison Frogs", Shafahi et al., NeurIPS 2018): every poison's own penultimate
+    features are pulled onto the target's, within an l_inf ball of its clean image.
+
+    :func:`craft_feature_space_attack` with ``objective="collision"``: the same keyword arguments and
+    return value (``spec.attack == "feature_collision"``).
+    """
+    return craft_feature_space_attack(train_ds, objective="collision", **kwargs)
+
+
+craft_bullseye_polytope.__signature__ = alias_signature()  # type: ignore[attr-defined]
+craft_feature_collision.__signature__ = alias_signature()  # type: ignore[attr-defined]

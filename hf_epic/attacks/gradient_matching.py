@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .common import check_count, check_targets, get_surrogate, load_training_set
+from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
 from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, logits_of, shift_flip
 
@@ -215,6 +217,17 @@ def match_gradients(
     }
 
 
+@dataclass
+class GradientMatchingSettings(TargetedSettings):
+    """Settings of :func:`craft_gradient_matching` (the fields are its keyword arguments)."""
+
+    ensemble: int = 1
+    restarts: int = 4
+    max_shift: int = 2
+    flip: bool = False
+
+
+@register_attack("gradient_matching", kind="targeted", needs="surrogate", settings=GradientMatchingSettings)
 def craft_gradient_matching(
     train_ds: Dataset,
     *,

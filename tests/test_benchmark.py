@@ -1,4 +1,4 @@
-"""The benchmark harness: config checks, the JSONL store, the report, and a resumable end-to-end run."""
+"""The benchmark: config checks, the JSONL store, the report, and a resumable end-to-end run."""
 
 import dataclasses
 import importlib.util
@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_epic.harness import (
-    DIGITS_ATTACK_KWARGS,
-    HARD_DIGITS_ATTACK_KWARGS,
+from hf_epic.experiments.args import BenchmarkConfig
+from hf_epic.experiments.benchmark import (
     RESULTS_FILE,
-    HarnessConfig,
     ResultStore,
-    _p_value,
     cell_key,
-    machines,
+    craft_or_load,
     run_benchmark,
-    summarize,
-    target_margins,
-    write_report,
+    run_cell,
+    train_seed,
 )
+from hf_epic.experiments.data import load_splits
+from hf_epic.experiments.poisons import DIGITS_ATTACK_KWARGS, HARD_DIGITS_ATTACK_KWARGS
+from hf_epic.experiments.report import _p_value, machines, summarize, write_report
+from hf_epic.experiments.scoring import target_margins
 from hf_epic.machine import describe_machine, machine_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,41 +51,40 @@ def _record(trial, attack, defense, success, evaluated, accuracy, **extra):
 
 def test_config_rejects_bad_settings_before_training():
     with pytest.raises(ValueError, match="baseline_reference"):
-        HarnessConfig(baseline_reference="random")
+        BenchmarkConfig(baseline_reference="random")
     with pytest.raises(ValueError, match="model"):
-        HarnessConfig(model="resnet50")
+        BenchmarkConfig(model_kind="resnet50")
     with pytest.raises(ValueError, match="unknown attacks"):
-        HarnessConfig(attack_kwargs={"witches_brew": {}})
-    with pytest.raises(ValueError, match="epochs"):
-        HarnessConfig(epochs=0)
+        BenchmarkConfig(attack_kwargs={"witches_brew": {}})
+    with pytest.raises(ValueError, match="num_train_epochs"):
+        BenchmarkConfig(num_train_epochs=0)
     with pytest.raises(ValueError, match="sgd"):
-        HarnessConfig(optimizer="adam")
-    with pytest.raises(ValueError, match="epic_stop"):
-        HarnessConfig(epic_start=4, epic_stop=4)
+        BenchmarkConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="epic_stop_epoch"):
+        BenchmarkConfig(epic_start_epoch=4, epic_stop_epoch=4)
     with pytest.raises(ValueError, match="attack_kwargs"):
-        HarnessConfig(attack_kwargs={"badnets": 0.05})
+        BenchmarkConfig(attack_kwargs={"badnets": 0.05})
     with pytest.raises(ValueError, match="epic_embedding"):
-        HarnessConfig(epic_embedding="features")
+        BenchmarkConfig(epic_embedding="features")
     with pytest.raises(ValueError, match="epic_metric"):
-        HarnessConfig(epic_metric="manhattan")
+        BenchmarkConfig(epic_metric="manhattan")
     with pytest.raises(ValueError, match="epic_cluster_threshold"):
-        HarnessConfig(epic_cluster_threshold=0)
+        BenchmarkConfig(epic_cluster_threshold=0)
     with pytest.raises(ValueError, match="digits_renders"):
-        HarnessConfig(digits_renders=0)
+        BenchmarkConfig(digits_renders=0)
     with pytest.raises(ValueError, match="attack_seed_offset"):
-        HarnessConfig(attack_seed_offset="1000000")
+        BenchmarkConfig(attack_seed_offset="1000000")
 
 
 def test_digits_renders_reaches_the_loaded_training_split():
-    from hf_epic.harness import load_benchmark_dataset
-
-    splits = load_benchmark_dataset(HarnessConfig(image_size=8, digits_renders=2))
+    config = BenchmarkConfig(image_size=8, digits_renders=2)
+    splits = load_splits(config, config.seed)
     assert splits["train"].num_rows == 2 * 1438 and splits["test"].num_rows == 359
 
 
 def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
-    config = HarnessConfig()
-    assert config.dataset == "digits" and config.attack_kwargs == DIGITS_ATTACK_KWARGS
+    config = BenchmarkConfig()
+    assert config.dataset_name == "digits" and config.attack_kwargs == DIGITS_ATTACK_KWARGS
     assert config.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(64 / 255)
     assert config.attack_kwargs["bullseye_polytope"] == {"target_pool_fraction": 0.02}
     assert (
@@ -93,27 +92,29 @@ def test_offline_attack_arguments_apply_to_digits_only_and_are_a_copy():
         config.attack_kwargs["sleeper_agent"]["poison_class"],
     ) == (7, 2)
     config.attack_kwargs["gradient_matching"]["budget"] = 0.5  # must not leak into the next config
-    assert HarnessConfig().attack_kwargs["gradient_matching"]["budget"] == 0.01
+    assert BenchmarkConfig().attack_kwargs["gradient_matching"]["budget"] == 0.01
     # the hard digits have their own gradient-matching preset (24/255, the 10 % lowest-margin pool)
-    hard = HarnessConfig(digits_variant="hard", image_size=32, num_channels=3)
+    hard = BenchmarkConfig(digits_variant="hard", image_size=32, num_channels=3)
     assert hard.attack_kwargs == HARD_DIGITS_ATTACK_KWARGS
     assert hard.attack_kwargs["gradient_matching"]["epsilon"] == pytest.approx(24 / 255)
     assert hard.attack_kwargs["gradient_matching"]["target_pool_fraction"] == 0.1
     hard.attack_kwargs["gradient_matching"]["restarts"] = 9
     assert HARD_DIGITS_ATTACK_KWARGS["gradient_matching"]["restarts"] == 2
     # other datasets get each attack's own defaults; an explicit dict (even empty) is kept as given
-    assert HarnessConfig(dataset="cifar10").attack_kwargs == {}
-    assert HarnessConfig(attack_kwargs={}).attack_kwargs == {}
-    assert HarnessConfig().to_dict()["attack_kwargs"] == DIGITS_ATTACK_KWARGS  # recorded, JSON-ready
+    assert BenchmarkConfig(dataset_name="cifar10").attack_kwargs == {}
+    assert BenchmarkConfig(attack_kwargs={}).attack_kwargs == {}
+    assert BenchmarkConfig().to_dict()["attack_kwargs"] == DIGITS_ATTACK_KWARGS  # recorded, JSON-ready
 
 
 def test_run_benchmark_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="Unknown defenses"):
         run_benchmark(
-            HarnessConfig(), trials=[0], attacks=["badnets"], defenses=["epic"], output_dir=tmp_path
+            BenchmarkConfig(), trials=[0], attacks=["badnets"], defenses=["epic"], output_dir=tmp_path
         )
     with pytest.raises(ValueError, match="Unknown attacks"):
-        run_benchmark(HarnessConfig(), trials=[0], attacks=["mixup"], defenses=["none"], output_dir=tmp_path)
+        run_benchmark(
+            BenchmarkConfig(), trials=[0], attacks=["mixup"], defenses=["none"], output_dir=tmp_path
+        )
     assert not (tmp_path / RESULTS_FILE).exists()
 
 
@@ -132,7 +133,7 @@ def test_result_store_ignores_a_torn_line_and_appends_after_it(tmp_path):
 
 def test_report_includes_cells_another_process_appended_meanwhile(tmp_path):
     # two processes on disjoint trials share one folder: the report must hold both processes' cells
-    config = HarnessConfig(**SMALL)
+    config = BenchmarkConfig(**SMALL)
     out = tmp_path / "bench"
     ResultStore(out / RESULTS_FILE).append(_record(0, "badnets", "none", 1, 2, 0.9))
 
@@ -348,11 +349,18 @@ def _benchmark_cli():
     return module
 
 
-SMALL = dict(train_size=200, test_size=100, image_size=16, epochs=2, epic_start=1, epic_interval=1)
+SMALL = dict(
+    max_train_rows=200,
+    max_eval_rows=100,
+    image_size=16,
+    num_train_epochs=2,
+    epic_start_epoch=1,
+    epic_interval=1,
+)
 
 
 def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
-    config = HarnessConfig(**SMALL)
+    config = BenchmarkConfig(**SMALL)
     out = tmp_path / "bench"
     # 1) a run that "was interrupted" after the undefended cell
     first = run_benchmark(config, trials=[0], attacks=["badnets"], defenses=["none"], output_dir=out)
@@ -414,17 +422,26 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
         "--output_dir",
         str(out),
     ]
-    argv += ["--train_size", "200", "--test_size", "100", "--image_size", "16", "--epochs", "2"]
-    argv += ["--epic_start", "1", "--epic_interval", "1"]
+    argv += [
+        "--max_train_rows",
+        "200",
+        "--max_eval_rows",
+        "100",
+        "--image_size",
+        "16",
+        "--num_train_epochs",
+        "2",
+    ]
+    argv += ["--epic_start_epoch", "1", "--epic_interval", "1"]
     assert _benchmark_cli().main(argv) == 0
     log = capsys.readouterr().out
     assert log.count("skip   ") == 2 and "done   " not in log
     assert "| badnets | epic-0.2 | 1 |" in log
 
     # 4) other settings in the same folder are refused before any training
-    with pytest.raises(ValueError, match="epochs"):
+    with pytest.raises(ValueError, match="num_train_epochs"):
         run_benchmark(
-            HarnessConfig(**{**SMALL, "epochs": 3}),
+            BenchmarkConfig(**{**SMALL, "num_train_epochs": 3}),
             trials=[0],
             attacks=["badnets"],
             defenses=["none"],
@@ -432,7 +449,7 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
         )
     with pytest.raises(ValueError, match="epic_metric"):
         run_benchmark(
-            HarnessConfig(**{**SMALL, "epic_metric": "cosine"}),
+            BenchmarkConfig(**{**SMALL, "epic_metric": "cosine"}),
             trials=[0],
             attacks=["badnets"],
             defenses=["none"],
@@ -448,12 +465,10 @@ def test_end_to_end_badnets_resumes_and_skips_finished_cells(tmp_path, capsys):
 
 
 def test_epic_options_reach_the_trainer(tmp_path):
-    from hf_epic.harness import craft_or_load, load_benchmark_dataset, run_cell
-
     dropped = {}
     for threshold in (1, 2):
-        config = HarnessConfig(**{**SMALL, "epic_stop": 2, "epic_cluster_threshold": threshold})
-        splits = load_benchmark_dataset(config)
+        config = BenchmarkConfig(**{**SMALL, "epic_stop_epoch": 2, "epic_cluster_threshold": threshold})
+        splits = load_splits(config, config.seed)
         poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
         record = run_cell(
             0, "badnets", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / str(threshold)
@@ -468,15 +483,13 @@ def test_epic_options_reach_the_trainer(tmp_path):
 
 
 def test_attack_seed_offset_reseeds_the_attack_but_not_the_victim(tmp_path):
-    from hf_epic.harness import _train_seed, craft_or_load, load_benchmark_dataset
-
     specs = {}
     for offset in (0, 1000000):
-        config = HarnessConfig(**{**SMALL, "attack_seed_offset": offset})
-        splits = load_benchmark_dataset(config)
+        config = BenchmarkConfig(**{**SMALL, "attack_seed_offset": offset})
+        splits = load_splits(config, config.seed)
         _, specs[offset], _ = craft_or_load("badnets", 3, splits, config, tmp_path / str(offset))
         # the victim's training seed is the trial's, whatever the attack's
-        assert _train_seed(config, 3) == 3
+        assert train_seed(config, 3) == 3
     assert specs[0].seed == 3
     assert specs[1000000].seed == 1000003
     # another seed draws other poison rows
@@ -485,42 +498,52 @@ def test_attack_seed_offset_reseeds_the_attack_but_not_the_victim(tmp_path):
 
 def test_cli_parses_trial_selections():
     cli = _benchmark_cli()
-    parser = cli.build_parser()
-    assert parser.parse_args(["--trials", "3"]).trials == [0, 1, 2]
-    assert parser.parse_args(["--trials", "2-4"]).trials == [2, 3, 4]
-    assert parser.parse_args(["--trials", "0,5"]).trials == [0, 5]
-    args = parser.parse_args(["--attack_kwargs", '{"badnets": {"budget": 0.05}}'])
-    assert args.attack_kwargs == {"badnets": {"budget": 0.05}}
-    args = parser.parse_args(["--optimizer", "sgd", "--weight_decay", "0.1", "--epic_stop", "6"])
-    assert (args.optimizer, args.weight_decay, args.epic_stop) == ("sgd", 0.1, 6)
-    assert parser.parse_args([]).attack_kwargs is None  # -> the digits preset in HarnessConfig
-    assert parser.parse_args(["--epic_stop", "none"]).epic_stop is None
-    args = parser.parse_args(["--epic_embedding", "last_layer_grad", "--epic_metric", "cosine"])
-    assert (args.epic_embedding, args.epic_metric, args.epic_cluster_threshold) == (
+
+    def parse(*argv):
+        grid, config = cli.build_parser().parse_args_into_dataclasses(args=list(argv))
+        return grid, config
+
+    assert parse("--trials", "3")[0].trial_numbers == [0, 1, 2]
+    assert parse("--trials", "2-4")[0].trial_numbers == [2, 3, 4]
+    assert parse("--trials", "0,5")[0].trial_numbers == [0, 5]
+    _, config = parse("--attack_kwargs", '{"badnets": {"budget": 0.05}}')
+    assert config.attack_kwargs == {"badnets": {"budget": 0.05}}
+    _, config = parse("--optimizer", "sgd", "--weight_decay", "0.1", "--epic_stop_epoch", "6")
+    assert (config.optimizer, config.weight_decay, config.epic_stop_epoch) == ("sgd", 0.1, 6)
+    grid, config = parse()
+    assert config.attack_kwargs == DIGITS_ATTACK_KWARGS and config.epic_stop_epoch is None
+    _, config = parse("--epic_embedding", "last_layer_grad", "--epic_metric", "cosine")
+    assert (config.epic_embedding, config.epic_metric, config.epic_cluster_threshold) == (
         "last_layer_grad",
         "cosine",
         1,
     )
-    assert parser.parse_args(["--attack_seed_offset", "1000000"]).attack_seed_offset == 1000000
-    # every HarnessConfig setting has its flag, with the config's default
-    defaults = vars(parser.parse_args([]))
-    for field in dataclasses.fields(HarnessConfig):
-        assert field.name in defaults, f"recipes/benchmark.py has no --{field.name}"
+    assert parse("--attack_seed_offset", "1000000")[1].attack_seed_offset == 1000000
+    # every BenchmarkConfig setting has its flag, with the config's default
+    defaults = parse()[1]
+    for field in dataclasses.fields(BenchmarkConfig):
         if field.name != "attack_kwargs":
-            assert defaults[field.name] == field.default, field.name
+            assert getattr(defaults, field.name) == field.default, field.name
+    # the grid's choices are the registries'
+    from hf_epic.attacks import attack_names
+    from hf_epic.experiments.defenses import defense_names
+
+    assert grid.attacks == list(attack_names()) and grid.defenses == list(defense_names())
     with pytest.raises(SystemExit):
-        parser.parse_args(["--epic_stop", "ten"])
+        parse("--epic_stop_epoch", "ten")
     with pytest.raises(SystemExit):
-        parser.parse_args(["--defenses", "epic"])
+        parse("--defenses", "epic")
+    with pytest.raises(ValueError, match="--trials"):
+        parse("--trials", "a-b")
+    with pytest.raises(ValueError, match="attack_kwargs is not valid JSON"):
+        parse("--attack_kwargs", "{badnets")
 
 
 def test_epic_stop_ends_the_rounds(tmp_path):
-    from hf_epic.harness import craft_or_load, load_benchmark_dataset, run_cell
-
     rounds = {}
     for stop in (None, 2):
-        config = HarnessConfig(**{**SMALL, "epochs": 3, "epic_stop": stop})
-        splits = load_benchmark_dataset(config)
+        config = BenchmarkConfig(**{**SMALL, "num_train_epochs": 3, "epic_stop_epoch": stop})
+        splits = load_splits(config, config.seed)
         poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
         record = run_cell(
             0, "badnets", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / str(stop)
@@ -532,8 +555,6 @@ def test_epic_stop_ends_the_rounds(tmp_path):
 def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(tmp_path):
     import datasets
     import numpy as np
-
-    from hf_epic.harness import load_benchmark_dataset
 
     features = datasets.Features(
         {
@@ -555,68 +576,68 @@ def test_a_saved_dataset_dict_with_other_column_names_loads_like_a_hub_dataset(t
         )
 
     datasets.DatasetDict(train=split(12), test=split(6)).save_to_disk(str(tmp_path / "local"))
-    loaded = load_benchmark_dataset(HarnessConfig(dataset=str(tmp_path / "local"), train_size=10))
+    config = BenchmarkConfig(dataset_name=str(tmp_path / "local"), max_train_rows=10, num_channels=3)
+    loaded = load_splits(config, config.seed)
     assert loaded["train"].column_names == ["image", "label"] and len(loaded["train"]) == 10
     assert len(loaded["test"]) == 6 and loaded["test"].features["label"].num_classes == 3
 
 
 def test_backdoors_get_seeded_distinct_poison_and_source_classes():
-    import inspect
+    from hf_epic.attacks import AttackSettings
+    from hf_epic.experiments.poisons import draw_classes
 
-    from hf_epic.harness import _draw_classes
+    @dataclasses.dataclass
+    class NeedsBoth:
+        """Settings of an attack that requires both classes."""
 
-    def needs_both(train_ds, *, poison_class, source_class, seed=0):
-        """An attack signature that requires both classes."""
+        poison_class: int
+        source_class: int
+        seed: int = 0
 
-    def picks_its_own(train_ds, *, poison_class=None, seed=0):
-        """An attack signature that chooses its class itself."""
-
-    required = inspect.signature(needs_both).parameters
+    required = NeedsBoth
     for seed in range(20):
-        drawn = _draw_classes(required, {"seed": seed}, 10)
+        drawn = draw_classes(required, {"seed": seed}, 10)
         assert set(drawn) == {"poison_class", "source_class"}
         assert drawn["poison_class"] != drawn["source_class"]
-        assert drawn == _draw_classes(required, {"seed": seed}, 10)
+        assert drawn == draw_classes(required, {"seed": seed}, 10)
     # a class the user gave is kept, and the source class avoids it
     assert all(
-        _draw_classes(required, {"seed": s, "poison_class": 4}, 10)["source_class"] != 4 for s in range(20)
+        draw_classes(required, {"seed": s, "poison_class": 4}, 10)["source_class"] != 4 for s in range(20)
     )
-    assert _draw_classes(inspect.signature(picks_its_own).parameters, {"seed": 0}, 10) == {}
+    assert draw_classes(AttackSettings, {"seed": 0}, 10) == {}  # the attack chooses its class itself
 
 
 def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_features(tmp_path):
     from safetensors.torch import load_file
 
     from hf_epic.attacks.surrogate import classifier_layer
-    from hf_epic.harness import (
-        craft_or_load,
-        load_benchmark_dataset,
-        pretrained_model,
-        run_cell,
-        victim_setting,
-    )
+    from hf_epic.experiments.backbone import trial_backbone
+    from hf_epic.experiments.poisons import victim_setting
 
-    config = HarnessConfig(
-        **{**SMALL, "pretrain_epochs": 1, "attack_kwargs": {"bullseye_polytope": {"steps": 5}}}
+    config = BenchmarkConfig(
+        **{**SMALL, "backbone_epochs": 1, "attack_kwargs": {"bullseye_polytope": {"steps": 5}}}
     )
-    assert victim_setting("bullseye_polytope", config) == "transfer"
-    assert victim_setting("gradient_matching", config) == "scratch"
-    assert victim_setting("sleeper_agent", config) == "scratch"
-    finetune = HarnessConfig(**{**SMALL, "attack_kwargs": {"sleeper_agent": {"setting": "finetune"}}})
-    assert victim_setting("sleeper_agent", finetune) == "finetune"
+    assert victim_setting("bullseye_polytope", config.attack_kwargs) == "transfer"
+    assert victim_setting("gradient_matching", config.attack_kwargs) == "scratch"
+    assert victim_setting("sleeper_agent", config.attack_kwargs) == "scratch"
+    finetune = BenchmarkConfig(**{**SMALL, "attack_kwargs": {"sleeper_agent": {"setting": "finetune"}}})
+    assert victim_setting("sleeper_agent", finetune.attack_kwargs) == "finetune"
     with pytest.raises(ValueError, match="'transfer', 'finetune'"):
         victim_setting(
-            "bullseye_polytope", HarnessConfig(attack_kwargs={"bullseye_polytope": {"setting": "scratch"}})
+            "bullseye_polytope",
+            BenchmarkConfig(attack_kwargs={"bullseye_polytope": {"setting": "scratch"}}).attack_kwargs,
         )
-    splits = load_benchmark_dataset(config)
-    attacked = pretrained_model(0, splits, config, tmp_path / "pretrained")
+    splits = load_splits(config, config.seed)
+    attacked = trial_backbone(splits["train"], config, train_seed(config, 0), tmp_path / "pretrained", 0)
     cached = load_file(str(tmp_path / "pretrained" / "trial_000" / "model.safetensors"))
     poisoned, spec, _ = craft_or_load(
         "bullseye_polytope", 0, splits, config, tmp_path / "poisons", model=attacked
     )
     assert spec.attack == "bullseye_polytope" and sum(poisoned["is_poison"]) == len(spec.poison_indices) > 0
 
-    victim = pretrained_model(0, splits, config, tmp_path / "pretrained")  # a fresh copy from the cache
+    victim = trial_backbone(
+        splits["train"], config, train_seed(config, 0), tmp_path / "pretrained", 0
+    )  # from the cache
     record = run_cell(
         0, "bullseye_polytope", "epic-0.2", poisoned, spec, splits["test"], config, tmp_path / "run",
         initial_model=victim, setting="transfer",
