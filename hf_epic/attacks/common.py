@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from .spec import (
     check_class,
     check_epsilon,
     check_no_poison_column,
+    images_to_tensor,
     images_to_uint8,
     num_classes_of,
     resolve_columns,
@@ -186,13 +188,11 @@ def check_count(train: TrainingSet, budget: float, poison_class: int) -> int:
 
 
 def get_surrogate(
-    train_ds: Dataset,
+    train: TrainingSet,
     model: torch.nn.Module | None,
     surrogate_epochs: int | None,
     *,
     seed: int,
-    image_column: str,
-    label_column: str,
     device: str | torch.device | None,
     normalization: Normalization = DEFAULT_NORMALIZATION,
     progress: bool = True,
@@ -207,31 +207,126 @@ def get_surrogate(
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         info: dict[str, Any] = {"model": type(model).__name__, "trained_here_epochs": surrogate_epochs or 0}
-        if surrogate_epochs:
-            train_surrogate(
-                train_ds,
-                model=model,
-                epochs=surrogate_epochs,
-                seed=seed,
-                image_column=image_column,
-                label_column=label_column,
-                device=dev,
-                normalization=normalization,
-                progress=progress,
-            )
-        return model.to(dev).eval(), info
-    epochs = 12 if surrogate_epochs is None else int(surrogate_epochs)
+        if not surrogate_epochs:
+            return model.to(dev).eval(), info
+        epochs = surrogate_epochs
+    else:
+        epochs = 12 if surrogate_epochs is None else int(surrogate_epochs)
+        info = {"model": "hf_epic.models.build_tiny_cnn", "trained_here_epochs": epochs, "seed": seed}
     trained = train_surrogate(
-        train_ds,
+        train.ds,
+        model=model,
         epochs=epochs,
         seed=seed,
-        image_column=image_column,
-        label_column=label_column,
+        image_column=train.image_column,
+        label_column=train.label_column,
         device=dev,
         normalization=normalization,
         progress=progress,
     )
-    return trained, {"model": "hf_epic.models.build_tiny_cnn", "trained_here_epochs": epochs, "seed": seed}
+    return (trained if model is None else model.to(dev).eval()), info
+
+
+def check_target_choice(
+    target_selection: str,
+    target_pool_fraction: float,
+    poison_selection: str,
+    poison_selections: tuple[str, ...],
+) -> None:
+    """Check how a targeted attack chooses its targets and its poison rows.
+
+    Args:
+        target_selection: ``"low_margin"`` or ``"random"``.
+        target_pool_fraction: in (0, 1].
+        poison_selection: one of ``poison_selections``.
+        poison_selections: the attack's poison-row strategies.
+    """
+    if target_selection not in ("low_margin", "random"):
+        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
+    if not 0 < target_pool_fraction <= 1:
+        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
+    if poison_selection not in poison_selections:
+        options = " or ".join(repr(s) for s in poison_selections)
+        raise ValueError(f"poison_selection={poison_selection!r}: use {options}.")
+
+
+@dataclass
+class Targets:
+    """The targets of a targeted attack and the class the poisons carry.
+
+    Attributes:
+        indices: target rows of the target set.
+        target_class: their (shared) class.
+        poison_class: the class the poisons carry (the target should land in it).
+        count: number of poisons.
+        chosen_here: whether the targets were chosen by the attack (not given).
+    """
+
+    indices: list[int]
+    target_class: int
+    poison_class: int
+    count: int
+    chosen_here: bool
+
+
+def resolve_targets(
+    surrogate: torch.nn.Module,
+    train: TrainingSet,
+    target_ds: Dataset,
+    target_indices: list[int] | None,
+    poison_class: int | None,
+    *,
+    columns: tuple[str, str],
+    num_targets: int,
+    target_selection: str,
+    target_pool_fraction: float,
+    budget: float,
+    seed: int,
+    normalization: Normalization,
+) -> Targets:
+    """Choose the targets with the surrogate (unless given), then the poison class (unless given: the
+    surrogate's most likely other class for the first target), then the number of poisons.
+
+    Args:
+        surrogate: the attacker's model.
+        train: the loaded training set.
+        target_ds: the set holding the targets.
+        target_indices: explicit targets, or None.
+        poison_class: explicit poison class, or None.
+        columns: ``(image_column, label_column)`` of ``target_ds``.
+        num_targets: targets to choose.
+        target_selection: ``"low_margin"`` or ``"random"``.
+        target_pool_fraction: share of candidates drawn from.
+        budget: poison fraction.
+        seed: seeds the choice.
+        normalization: the surrogate's input ``(mean, std)``.
+    """
+    from .surrogate import choose_targets, predict
+
+    t_img, t_lab = columns
+    chosen_here = target_indices is None
+    if chosen_here:
+        target_indices, poison_class = choose_targets(
+            surrogate,
+            target_ds,
+            num_targets=num_targets,
+            poison_class=poison_class,
+            strategy=target_selection,
+            pool_fraction=target_pool_fraction,
+            seed=seed,
+            image_column=t_img,
+            label_column=t_lab,
+            normalization=normalization,
+        )
+    target_indices = [int(i) for i in target_indices]
+    target_class = int(target_ds[target_indices[0]][t_lab])
+    if poison_class is None:
+        first = images_to_tensor(target_ds, t_img, target_indices[:1])
+        logits = predict(surrogate, first, normalization=normalization)[0]
+        logits[target_class] = -math.inf
+        poison_class = int(logits.argmax())
+    count = check_count(train, budget, poison_class)
+    return Targets(target_indices, target_class, poison_class, count, chosen_here)
 
 
 def freeze(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:

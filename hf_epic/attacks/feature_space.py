@@ -9,7 +9,6 @@ from them then places the target among the poisons, i.e. in the poison class.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +16,19 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .common import check_count, check_targets, freeze, get_surrogate, load_training_set, unfreeze
+from .common import (
+    check_count,
+    check_target_choice,
+    check_targets,
+    freeze,
+    get_surrogate,
+    load_training_set,
+    resolve_targets,
+    unfreeze,
+)
 from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
-from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, features_of, predict
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, features_of
 
 OBJECTIVES = {"polytope": "bullseye_polytope", "collision": "feature_collision"}
 """Objective -> the attack name recorded in ``PoisonSpec.attack``."""
@@ -158,50 +166,38 @@ def craft_feature_space_attack(
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}: use 'transfer' (frozen features) or 'finetune'.")
-    if target_selection not in ("low_margin", "random"):
-        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
-    if not 0 < target_pool_fraction <= 1:
-        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
-    if poison_selection not in ("nearest", "random"):
-        raise ValueError(f"poison_selection={poison_selection!r}: use 'nearest' or 'random'.")
+    check_target_choice(target_selection, target_pool_fraction, poison_selection, ("nearest", "random"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1.")
 
     surrogate, surrogate_info = get_surrogate(
-        train_ds,
+        train,
         model,
         surrogate_epochs,
         seed=seed,
-        image_column=train.image_column,
-        label_column=train.label_column,
         device=device,
         normalization=normalization,
         progress=progress,
     )
-    chosen_here = target_indices is None
-    if chosen_here:
-        target_indices, poison_class = choose_targets(
-            surrogate,
-            target_ds,
-            num_targets=num_targets,
-            poison_class=poison_class,
-            strategy=target_selection,
-            pool_fraction=target_pool_fraction,
-            seed=seed,
-            image_column=t_img,
-            label_column=t_lab,
-            normalization=normalization,
-        )
-    target_indices = [int(i) for i in target_indices]
-    target_class = int(target_ds[target_indices[0]][t_lab])
+    targets = resolve_targets(
+        surrogate,
+        train,
+        target_ds,
+        target_indices,
+        poison_class,
+        columns=(t_img, t_lab),
+        num_targets=num_targets,
+        target_selection=target_selection,
+        target_pool_fraction=target_pool_fraction,
+        budget=budget,
+        seed=seed,
+        normalization=normalization,
+    )
+    target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
+    count, chosen_here = targets.count, targets.chosen_here
     x_target = images_to_tensor(target_ds, t_img, target_indices)
-    if poison_class is None:
-        logits = predict(surrogate, x_target[:1], normalization=normalization)[0]
-        logits[target_class] = -math.inf
-        poison_class = int(logits.argmax())
-    count = check_count(train, budget, poison_class)
 
     dev = next(surrogate.parameters()).device
     flags = freeze(surrogate)

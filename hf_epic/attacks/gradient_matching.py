@@ -27,10 +27,17 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .common import check_count, check_targets, get_surrogate, load_training_set
+from .common import (
+    check_count,
+    check_target_choice,
+    check_targets,
+    get_surrogate,
+    load_training_set,
+    resolve_targets,
+)
 from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
-from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, logits_of, shift_flip
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, logits_of, shift_flip
 
 
 def parameter_gradients(
@@ -303,12 +310,7 @@ def craft_gradient_matching(
     """
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
-    if target_selection not in ("low_margin", "random"):
-        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
-    if not 0 < target_pool_fraction <= 1:
-        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
-    if poison_selection not in ("random", "gradient_norm"):
-        raise ValueError(f"poison_selection={poison_selection!r}: use 'random' or 'gradient_norm'.")
+    check_target_choice(target_selection, target_pool_fraction, poison_selection, ("random", "gradient_norm"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1 or restarts < 1:
@@ -322,12 +324,10 @@ def craft_gradient_matching(
     members, member_info = [], []
     for k, member in enumerate(given):
         trained, info_k = get_surrogate(
-            train_ds,
+            train,
             member,
             surrogate_epochs,
             seed=seed + k,
-            image_column=train.image_column,
-            label_column=train.label_column,
             device=device,
             normalization=normalization,
             progress=progress,
@@ -336,31 +336,22 @@ def craft_gradient_matching(
         member_info.append(info_k)
     surrogate = members[0]
     surrogate_info = member_info[0] if len(members) == 1 else {"ensemble": member_info}
-    chosen_here = target_indices is None
-    if target_indices is None:
-        target_indices, poison_class = choose_targets(
-            surrogate,
-            target_ds,
-            num_targets=num_targets,
-            poison_class=poison_class,
-            strategy=target_selection,
-            pool_fraction=target_pool_fraction,
-            seed=seed,
-            image_column=t_img,
-            label_column=t_lab,
-            normalization=normalization,
-        )
-    target_indices = [int(i) for i in target_indices]
-    target_class = int(target_ds[target_indices[0]][t_lab])
-    if poison_class is None:
-        from .surrogate import predict
-
-        logits = predict(
-            surrogate, images_to_tensor(target_ds, t_img, target_indices[:1]), normalization=normalization
-        )[0]
-        logits[target_class] = -math.inf
-        poison_class = int(logits.argmax())
-    count = check_count(train, budget, poison_class)
+    targets = resolve_targets(
+        surrogate,
+        train,
+        target_ds,
+        target_indices,
+        poison_class,
+        columns=(t_img, t_lab),
+        num_targets=num_targets,
+        target_selection=target_selection,
+        target_pool_fraction=target_pool_fraction,
+        budget=budget,
+        seed=seed,
+        normalization=normalization,
+    )
+    target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
+    count, chosen_here = targets.count, targets.chosen_here
 
     dev = next(surrogate.parameters()).device
     x_all = images_to_tensor(train_ds, train.image_column)

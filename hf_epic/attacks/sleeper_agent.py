@@ -168,12 +168,10 @@ def craft_sleeper_agent(
     check_trigger(trigger, train.shape)
 
     surrogate, surrogate_info = get_surrogate(
-        train_ds,
+        train,
         model,
         surrogate_epochs,
         seed=seed,
-        image_column=train.image_column,
-        label_column=train.label_column,
         device=device,
         normalization=normalization,
         progress=progress,

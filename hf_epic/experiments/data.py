@@ -62,25 +62,20 @@ def normalise_columns(ds: Any) -> Any:
     """
     import datasets
 
-    features = ds.features
-    if "image" not in features:
-        images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
-        if not images:
+    for column, feature, cast in (
+        ("image", datasets.Image, "datasets.Image()"),
+        ("label", datasets.ClassLabel, "datasets.ClassLabel(num_classes=...)"),
+    ):
+        if column in ds.features:
+            continue
+        found = [k for k, v in ds.features.items() if isinstance(v, feature)]
+        if not found:
             raise ValueError(
-                f"No image column in {sorted(features)}: hf-epic needs a datasets.Image column "
-                "(named 'image', or any name of that feature type); cast yours with "
-                "ds.cast_column(name, datasets.Image())."
+                f"No {column} column in {sorted(ds.features)}: hf-epic needs a {feature.__name__} column "
+                f"(named {column!r}, or any name of that feature type); cast yours with "
+                f"ds.cast_column(name, {cast})."
             )
-        ds = ds.rename_column(images[0], "image")
-    if "label" not in features:
-        labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
-        if not labels:
-            raise ValueError(
-                f"No label column in {sorted(features)}: hf-epic needs a ClassLabel column "
-                "(named 'label', or any name of that feature type); cast yours with "
-                "ds.cast_column(name, datasets.ClassLabel(num_classes=...))."
-            )
-        ds = ds.rename_column(labels[0], "label")
+        ds = ds.rename_column(found[0], column)
     return ds.select_columns(["image", "label"])
 
 
