@@ -15,6 +15,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from hf_epic.experiments import parse_recipe_args
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 NAMES = ("finetune_vit", "from_scratch", "transfer", "backdoor")
@@ -48,7 +50,7 @@ def test_docstring_commands_are_ready_to_paste(name: str) -> None:
         config = words[words.index("--config_file") + 1]
         assert (ROOT / config).is_file(), config
         argv = words[words.index(script) + 1 :]
-        _, training_args = module.parse_recipe_args(
+        _, training_args = parse_recipe_args(
             module.SCRIPT_DEFAULTS,
             module.TRAINING_DEFAULTS,
             argv=argv,
@@ -61,7 +63,7 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
     from hf_epic import EpicConfig
 
     module = load_recipe(name)
-    a, training_args = module.parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=[])
+    a, training_args = parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=[])
     assert isinstance(training_args, EpicConfig)
     assert training_args.output_dir == f"outputs/{name}"
     assert training_args.remove_unused_columns is False and training_args.epic_enabled
@@ -70,7 +72,7 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
         if key != "report_to":
             assert getattr(training_args, key) == value, key
     # command-line flags override the recipe's defaults
-    a, training_args = module.parse_recipe_args(
+    a, training_args = parse_recipe_args(
         module.SCRIPT_DEFAULTS,
         module.TRAINING_DEFAULTS,
         argv=["--epic_fraction", "0.3", "--attack", "none"],
@@ -81,11 +83,11 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
 def test_bad_recipe_arguments_fail_before_any_work() -> None:
     module = load_recipe("finetune_vit")
     with pytest.raises(SystemExit):  # argparse: the choices are the attack registry's names
-        module.parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--attack", "nonsense"])
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--attack", "nonsense"])
     with pytest.raises(ValueError, match="--source_fraction"):
-        module.parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--source_fraction", "1.5"])
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--source_fraction", "1.5"])
     with pytest.raises(ValueError, match="epic_fraction"):
-        module.parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--epic_fraction", "2"])
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--epic_fraction", "2"])
 
 
 def test_accelerate_configs() -> None:

@@ -186,7 +186,10 @@ class ScriptArguments(DataArguments, ModelArguments, AttackArguments):
 
 
 def parse_recipe_args(
-    script_defaults: dict[str, Any], training_defaults: dict[str, Any], argv: list[str] | None = None
+    script_defaults: dict[str, Any],
+    training_defaults: dict[str, Any],
+    argv: list[str] | None = None,
+    attack_kind: str | None = None,
 ) -> tuple[ScriptArguments, EpicConfig]:
     """Parse ``HfArgumentParser((ScriptArguments, EpicConfig))`` with a recipe's defaults.
 
@@ -194,10 +197,15 @@ def parse_recipe_args(
         script_defaults: Defaults for ``ScriptArguments`` fields.
         training_defaults: Defaults for ``EpicConfig`` fields (output_dir, epochs, learning rate, ...).
         argv: Arguments to parse (default: the command line).
+        attack_kind: Accept only attacks of this kind (``"targeted"`` or ``"backdoor"``) and ``none``.
     """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser((ScriptArguments, EpicConfig))
+    if attack_kind is not None:
+        parser._option_string_actions["--attack"].choices = LiveChoices(
+            lambda: attack_names(attack_kind), extra=["none"]
+        )
     # On a machine without a visible GPU, run on the CPU explicitly: the Trainer then also joins a
     # multi-process CPU launch (recipes/accelerate_configs/cpu_2proc.yaml) instead of ignoring it.
     parser.set_defaults(use_cpu=not torch.cuda.is_available())

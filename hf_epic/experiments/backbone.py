@@ -20,7 +20,7 @@ import torch
 from ..models import build_model
 from .data import split_source
 from .models import build_classifier, load_pretrained, model_transform
-from .runtime import is_main_process
+from .runtime import banner, is_main_process
 
 BACKBONE_DIR = "_backbone"  # under output_dir; names starting with "_" are not pushed to the Hub
 BACKBONE_INFO = "recipe_backbone.json"
@@ -108,6 +108,7 @@ def backbone_and_task_split(
         ``(backbone, source_name, task_rows, key)``: the backbone model, the name or folder to load
         fresh copies from, the rows to poison and fine-tune on, and settings for the poison cache.
     """
+    banner("model")
     if args.model_name_or_path:
         return load_pretrained(args.model_name_or_path, id2label), args.model_name_or_path, train, {}
     source, task = split_source(train, args.source_fraction, training_args.seed)

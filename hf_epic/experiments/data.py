@@ -174,8 +174,9 @@ def dataset_label(args: Any) -> str:
 
 def load_task(args: Any, seed: int) -> tuple[Any, Any, dict[int, str]]:
     """A recipe's data: ``(train, test, id2label)`` from :func:`load_splits`, with a line saying what it is."""
-    from .runtime import is_main_process
+    from .runtime import banner, is_main_process
 
+    banner("data")
     splits = load_splits(args, seed)
     train, test = splits["train"], splits["test"]
     id2label = label_names(train)

@@ -17,6 +17,7 @@ from ..models import build_model, image_transform
 __all__ = [
     "build_classifier",
     "model_for",
+    "new_model",
     "model_transform",
     "pretrained_copy",
     "freeze_all_but_head",
@@ -92,6 +93,17 @@ def model_for(args: Any, id2label: dict[int, str]) -> Any:
     if args.model_name_or_path:
         return load_pretrained(args.model_name_or_path, id2label)
     return build_classifier(args.model_kind, id2label, args.image_size, args.num_channels)
+
+
+def new_model(args: Any, id2label: dict[int, str]) -> Any:
+    """:func:`model_for`, announced: the recipes' model step."""
+    from .runtime import banner, is_main_process
+
+    banner("model")
+    model = model_for(args, id2label)
+    if is_main_process():
+        print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters")
+    return model
 
 
 def pretrained_copy(source: str, id2label: dict[int, str], seed: int, new_head: bool) -> Any:

@@ -216,7 +216,7 @@ def poison_training_set(
     test: Any,
     surrogate: Any = None,
     key: Mapping[str, Any] | None = None,
-) -> tuple[Any, PoisonSpec | None, bool]:
+) -> tuple[Any, PoisonSpec | None]:
     """A recipe's poisoned training set: crafted on the main process, cached in ``<output_dir>/_poisoned``
     (reused while its settings match), loaded on every process.
 
@@ -229,12 +229,13 @@ def poison_training_set(
         key: More settings that decide the poisons (e.g. the backbone's), for the cache check.
 
     Returns:
-        ``(poisoned_train, spec, reused)``; ``(train, None, False)`` with ``--attack none``.
+        ``(poisoned_train, spec)``; ``(train, None)`` with ``--attack none``.
     """
-    from .runtime import is_main_process
+    from .runtime import banner, is_main_process
 
+    banner("attack")
     if args.attack == "none":
-        return train, None, False
+        return train, None
     info = get_attack(args.attack)
     settings = info.make_settings(args.attack_settings(with_model=surrogate is not None), strict=False)
     skip = ("compare_undefended", "backbone_learning_rate")
@@ -251,7 +252,9 @@ def poison_training_set(
             lambda: craft_poisons(info, train, settings, target_ds=test, model=surrogate),
             write=is_main_process(),
         )
-    return poisoned, spec, reused
+    if is_main_process():
+        print(describe_poisons(spec, len(poisoned), reused))
+    return poisoned, spec
 
 
 def describe_poisons(spec: PoisonSpec | None, num_rows: int, reused: bool) -> str:

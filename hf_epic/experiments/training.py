@@ -16,12 +16,15 @@ from ..epic_trainer import EpicTrainer
 from .defenses import get_defense
 from .models import model_transform
 from .poisons import POISON_SPEC_FILE
-from .runtime import is_main_process
+from .runtime import Timer, banner, is_main_process, shutdown_distributed
 from .scoring import accuracy_metrics, score_attack
 
 RESULTS_FILE = "recipe_results.json"
 
 COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 3e-3,
+    "weight_decay": 0.05,
+    "warmup_steps": 0.05,
     "lr_scheduler_type": "cosine",
     "per_device_train_batch_size": 64,
     "per_device_eval_batch_size": 256,
@@ -32,10 +35,19 @@ COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     "disable_tqdm": True,
 }
-"""``TrainingArguments`` every recipe shares (each recipe adds its schedule and EPIC settings)."""
+"""``TrainingArguments`` the recipes share (AdamW with cosine decay; each recipe sets its schedule)."""
+
+
+def training_defaults(output_dir: str, **values: Any) -> dict[str, Any]:
+    """A recipe's ``EpicConfig`` defaults: :data:`COMMON_TRAINING_DEFAULTS`, its output folder and ``values``."""
+    return {**COMMON_TRAINING_DEFAULTS, "output_dir": output_dir, **values}
+
 
 __all__ = [
     "COMMON_TRAINING_DEFAULTS",
+    "evaluate_runs",
+    "finish",
+    "training_defaults",
     "apply_defense",
     "evaluate_run",
     "make_trainer",
@@ -145,6 +157,7 @@ def evaluate_run(name: str, trainer: Any, args: Any, test: Any, spec: Any) -> di
 
 def train(trainer: Any) -> Any:
     """Train, and say what EPIC dropped."""
+    banner("training")
     trainer.train()
     state = trainer.epic_state
     if state is not None and is_main_process():
@@ -234,3 +247,56 @@ def undefended_args(training_args: EpicConfig) -> EpicConfig:
         epic_enabled=False, output_dir=str(Path(training_args.output_dir) / "_undefended"), push_to_hub=False
     )
     return EpicConfig(**values)
+
+
+def evaluate_runs(
+    trainer: Any,
+    args: Any,
+    poisoned: Any,
+    test: Any,
+    spec: Any,
+    undefended_model: Any,
+    augment: bool = True,
+) -> list[dict[str, Any]]:
+    """Score the defended run and, with ``--compare_undefended``, train and score the same run without EPIC.
+
+    Args:
+        trainer: The trained, defended trainer (its ``args`` are the run's ``EpicConfig``).
+        args: Script arguments.
+        poisoned: The (poisoned) training split.
+        test: Clean test split.
+        spec: The attack's ``PoisonSpec`` or None.
+        undefended_model: ``() -> model``: a fresh model for the undefended run.
+        augment: Random shifts on the undefended run's training batches (as the defended run's).
+
+    Returns:
+        The closing table's rows.
+    """
+    training_args = trainer.args
+    banner("evaluation")
+    rows = [evaluate_run(f"EPIC-{training_args.epic_fraction}", trainer, args, test, spec)]
+    if args.compare_undefended:
+        plain = make_trainer(
+            undefended_model(), undefended_args(training_args), args, poisoned, test, augment
+        )
+        rows.append(evaluate_run("no defense", train(plain), args, test, spec))
+    return rows
+
+
+def finish(trainer: Any, args: Any, spec: Any, rows: list[dict[str, Any]], timer: Timer) -> None:
+    """Save and push the defended run (:func:`save_and_push`), print the closing table, shut down cleanly.
+
+    Args:
+        trainer: The defended run's trainer (its ``args`` are the run's ``EpicConfig``).
+        args: Script arguments.
+        spec: The attack's ``PoisonSpec`` or None.
+        rows: The closing table's rows.
+        timer: Started when the recipe started.
+    """
+    from .data import dataset_label
+
+    banner("save and push")
+    save_and_push(trainer, trainer.args, args, spec, rows, dataset_label(args))
+    if is_main_process():
+        print_table(rows, timer())
+    shutdown_distributed()
