@@ -192,3 +192,12 @@ def test_choices_come_from_the_registries():
         register_defense("none", group="none")
     with pytest.raises(ValueError, match="Unknown attack 'mixup'; choose from gradient_matching"):
         ATTACK_REGISTRY.get("mixup")
+
+
+def test_every_public_name_of_the_experiment_layer_resolves():
+    import hf_epic.experiments as ex
+
+    for name in ex.__all__:
+        assert getattr(ex, name) is not None, name
+    with pytest.raises(AttributeError, match="has no attribute 'harness'"):
+        ex.harness  # noqa: B018

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,21 +189,38 @@ def check_count(train: TrainingSet, budget: float, poison_class: int) -> int:
     return n
 
 
+def settings_of(settings_class: type, arguments: Mapping[str, Any]) -> Any:
+    """An attack's settings dataclass from its craft function's arguments (``locals()`` on entry)."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return settings_class(**{k: v for k, v in arguments.items() if k in names})
+
+
 def get_surrogate(
     train: TrainingSet,
     model: torch.nn.Module | None,
-    surrogate_epochs: int | None,
-    *,
-    seed: int,
+    settings: Any,
     device: str | torch.device | None,
     normalization: Normalization = DEFAULT_NORMALIZATION,
-    progress: bool = True,
+    seed_offset: int = 0,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Return the surrogate (trained on the clean set when needed) and a JSON description of it.
 
-    A given ``model`` is used as it is unless ``surrogate_epochs`` asks to train it; with no model the
-    default tiny ResNet is built and trained for ``surrogate_epochs`` (12 when None).
+    A given ``model`` is used as it is unless ``settings.surrogate_epochs`` asks to train it; with no
+    model the default tiny ResNet is built and trained for ``surrogate_epochs`` (12 when None).
+
+    Args:
+        train: the loaded training set.
+        model: the attacker's model, or None.
+        settings: the attack's settings (``surrogate_epochs``, ``seed``, ``progress``).
+        device: where to train (None: CUDA if available).
+        normalization: the surrogate's input ``(mean, std)``.
+        seed_offset: added to ``settings.seed`` (one surrogate of an ensemble).
     """
+    surrogate_epochs, seed, progress = (
+        settings.surrogate_epochs,
+        settings.seed + seed_offset,
+        settings.progress,
+    )
     dev = default_device(device)
     if model is not None:
         if not isinstance(model, torch.nn.Module):
@@ -227,27 +246,20 @@ def get_surrogate(
     return (trained if model is None else model.to(dev).eval()), info
 
 
-def check_target_choice(
-    target_selection: str,
-    target_pool_fraction: float,
-    poison_selection: str,
-    poison_selections: tuple[str, ...],
-) -> None:
+def check_target_choice(settings: Any, poison_selections: tuple[str, ...]) -> None:
     """Check how a targeted attack chooses its targets and its poison rows.
 
     Args:
-        target_selection: ``"low_margin"`` or ``"random"``.
-        target_pool_fraction: in (0, 1].
-        poison_selection: one of ``poison_selections``.
+        settings: the attack's settings (``target_selection``, ``target_pool_fraction``, ``poison_selection``).
         poison_selections: the attack's poison-row strategies.
     """
-    if target_selection not in ("low_margin", "random"):
-        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
-    if not 0 < target_pool_fraction <= 1:
-        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
-    if poison_selection not in poison_selections:
+    if settings.target_selection not in ("low_margin", "random"):
+        raise ValueError(f"target_selection={settings.target_selection!r}: use 'low_margin' or 'random'.")
+    if not 0 < settings.target_pool_fraction <= 1:
+        raise ValueError(f"target_pool_fraction={settings.target_pool_fraction!r} must be in (0, 1].")
+    if settings.poison_selection not in poison_selections:
         options = " or ".join(repr(s) for s in poison_selections)
-        raise ValueError(f"poison_selection={poison_selection!r}: use {options}.")
+        raise ValueError(f"poison_selection={settings.poison_selection!r}: use {options}.")
 
 
 @dataclass
@@ -273,15 +285,8 @@ def resolve_targets(
     surrogate: torch.nn.Module,
     train: TrainingSet,
     target_ds: Dataset,
-    target_indices: list[int] | None,
-    poison_class: int | None,
-    *,
     columns: tuple[str, str],
-    num_targets: int,
-    target_selection: str,
-    target_pool_fraction: float,
-    budget: float,
-    seed: int,
+    settings: Any,
     normalization: Normalization,
 ) -> Targets:
     """Choose the targets with the surrogate (unless given), then the poison class (unless given: the
@@ -291,29 +296,25 @@ def resolve_targets(
         surrogate: the attacker's model.
         train: the loaded training set.
         target_ds: the set holding the targets.
-        target_indices: explicit targets, or None.
-        poison_class: explicit poison class, or None.
         columns: ``(image_column, label_column)`` of ``target_ds``.
-        num_targets: targets to choose.
-        target_selection: ``"low_margin"`` or ``"random"``.
-        target_pool_fraction: share of candidates drawn from.
-        budget: poison fraction.
-        seed: seeds the choice.
+        settings: the attack's :class:`~hf_epic.attacks.registry.TargetedSettings` (explicit targets
+            and poison class or None, how many targets, how they are chosen, the budget, the seed).
         normalization: the surrogate's input ``(mean, std)``.
     """
     from .surrogate import choose_targets, predict
 
     t_img, t_lab = columns
+    target_indices, poison_class = settings.target_indices, settings.poison_class
     chosen_here = target_indices is None
     if chosen_here:
         target_indices, poison_class = choose_targets(
             surrogate,
             target_ds,
-            num_targets=num_targets,
+            num_targets=settings.num_targets,
             poison_class=poison_class,
-            strategy=target_selection,
-            pool_fraction=target_pool_fraction,
-            seed=seed,
+            strategy=settings.target_selection,
+            pool_fraction=settings.target_pool_fraction,
+            seed=settings.seed,
             image_column=t_img,
             label_column=t_lab,
             normalization=normalization,
@@ -325,7 +326,7 @@ def resolve_targets(
         logits = predict(surrogate, first, normalization=normalization)[0]
         logits[target_class] = -math.inf
         poison_class = int(logits.argmax())
-    count = check_count(train, budget, poison_class)
+    count = check_count(train, settings.budget, poison_class)
     return Targets(target_indices, target_class, poison_class, count, chosen_here)
 
 

@@ -24,6 +24,7 @@ from .common import (
     get_surrogate,
     load_training_set,
     resolve_targets,
+    settings_of,
     unfreeze,
 )
 from .registry import TargetedSettings, register_attack
@@ -162,39 +163,19 @@ def craft_feature_space_attack(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {tuple(OBJECTIVES)}.")
     attack = OBJECTIVES[objective]
+    settings = settings_of(FeatureSpaceSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}: use 'transfer' (frozen features) or 'finetune'.")
-    check_target_choice(target_selection, target_pool_fraction, poison_selection, ("nearest", "random"))
+    check_target_choice(settings, ("nearest", "random"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1.")
 
-    surrogate, surrogate_info = get_surrogate(
-        train,
-        model,
-        surrogate_epochs,
-        seed=seed,
-        device=device,
-        normalization=normalization,
-        progress=progress,
-    )
-    targets = resolve_targets(
-        surrogate,
-        train,
-        target_ds,
-        target_indices,
-        poison_class,
-        columns=(t_img, t_lab),
-        num_targets=num_targets,
-        target_selection=target_selection,
-        target_pool_fraction=target_pool_fraction,
-        budget=budget,
-        seed=seed,
-        normalization=normalization,
-    )
+    surrogate, surrogate_info = get_surrogate(train, model, settings, device, normalization)
+    targets = resolve_targets(surrogate, train, target_ds, (t_img, t_lab), settings, normalization)
     target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
     count, chosen_here = targets.count, targets.chosen_here
     x_target = images_to_tensor(target_ds, t_img, target_indices)

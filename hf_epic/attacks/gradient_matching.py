@@ -34,6 +34,7 @@ from .common import (
     get_surrogate,
     load_training_set,
     resolve_targets,
+    settings_of,
 )
 from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
@@ -308,9 +309,10 @@ def craft_gradient_matching(
     Raises:
         ValueError / TypeError: on bad arguments, before any training.
     """
+    settings = settings_of(GradientMatchingSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
-    check_target_choice(target_selection, target_pool_fraction, poison_selection, ("random", "gradient_norm"))
+    check_target_choice(settings, ("random", "gradient_norm"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1 or restarts < 1:
@@ -323,33 +325,12 @@ def craft_gradient_matching(
         raise ValueError("model is an empty list; pass at least one surrogate (or None for the default).")
     members, member_info = [], []
     for k, member in enumerate(given):
-        trained, info_k = get_surrogate(
-            train,
-            member,
-            surrogate_epochs,
-            seed=seed + k,
-            device=device,
-            normalization=normalization,
-            progress=progress,
-        )
+        trained, info_k = get_surrogate(train, member, settings, device, normalization, seed_offset=k)
         members.append(trained)
         member_info.append(info_k)
     surrogate = members[0]
     surrogate_info = member_info[0] if len(members) == 1 else {"ensemble": member_info}
-    targets = resolve_targets(
-        surrogate,
-        train,
-        target_ds,
-        target_indices,
-        poison_class,
-        columns=(t_img, t_lab),
-        num_targets=num_targets,
-        target_selection=target_selection,
-        target_pool_fraction=target_pool_fraction,
-        budget=budget,
-        seed=seed,
-        normalization=normalization,
-    )
+    targets = resolve_targets(surrogate, train, target_ds, (t_img, t_lab), settings, normalization)
     target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
     count, chosen_here = targets.count, targets.chosen_here
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .common import check_count, draw_classes, get_surrogate, load_training_set
+from .common import check_count, draw_classes, get_surrogate, load_training_set, settings_of
 from .gradient_matching import alignment_loss, match_gradients, parameter_gradients, select_poisons
 from .registry import PerturbationSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, quantise_poisons
@@ -147,6 +147,7 @@ def craft_sleeper_agent(
     Returns:
         ``(poisoned_ds, spec)``; ``spec.trigger`` holds the trigger with its ``source_class``.
     """
+    settings = settings_of(SleeperAgentSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     poison_class, source_class = draw_classes(poison_class, source_class, train.num_classes, seed)
     if setting not in ("scratch", "finetune"):
@@ -167,15 +168,7 @@ def craft_sleeper_agent(
         trigger = dict(trigger, source_class=source_class)
     check_trigger(trigger, train.shape)
 
-    surrogate, surrogate_info = get_surrogate(
-        train,
-        model,
-        surrogate_epochs,
-        seed=seed,
-        device=device,
-        normalization=normalization,
-        progress=progress,
-    )
+    surrogate, surrogate_info = get_surrogate(train, model, settings, device, normalization)
     dev = next(surrogate.parameters()).device
     pretrained = copy.deepcopy(surrogate) if setting == "finetune" else None
     x_all = images_to_tensor(train_ds, train.image_column)
