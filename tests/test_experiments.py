@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_recipes import TINY
 
 from hf_epic import EpicConfig
 from hf_epic.attacks import ATTACK_REGISTRY, AttackSettings, attack_names, craft_badnets, register_attack
@@ -88,16 +89,6 @@ def new_attack_and_defense():
     finally:
         ATTACK_REGISTRY.remove(NEW_ATTACK)
         DEFENSE_REGISTRY.remove(NEW_DEFENSE)
-
-
-TINY = [
-    "--max_train_rows", "200",
-    "--max_eval_rows", "60",
-    "--num_train_epochs", "2",
-    "--epic_start_epoch", "1",
-    "--epic_interval", "1",
-    "--per_device_train_batch_size", "32",
-]  # fmt: skip
 
 
 def test_a_new_attack_and_defense_run_through_a_recipe_and_a_benchmark_cell(new_attack_and_defense, tmp_path):

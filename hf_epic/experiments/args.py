@@ -105,10 +105,7 @@ class ModelArguments:
     )
     source_fraction: float = field(
         default=0.5,
-        metadata={
-            "help": "Fine-tuning/transfer without --model_name_or_path: share of the training rows kept "
-            "clean to train the backbone; the rest is the (poisoned) fine-tuning set."
-        },
+        metadata={"help": "Offline fine-tuning/transfer: share of the rows kept clean for the backbone."},
     )
     backbone_epochs: int = field(default=6, metadata={"help": "Epochs of the clean backbone."})
     backbone_learning_rate: float = field(
