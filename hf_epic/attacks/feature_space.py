@@ -264,8 +264,8 @@ def craft_feature_space_attack(
 def alias_signature() -> inspect.Signature:
     """Signature of :func:`craft_feature_space_attack` without ``objective`` (the aliases' signature).
 
-    The aliases take ``**kwargs``; giving them this signature keeps ``inspect.signature`` (which the
-    harness and recipes use to pass only the arguments an attack takes) and ``help()`` accurate.
+    The aliases take ``**kwargs``; giving them this signature keeps ``inspect.signature`` and ``help()``
+    accurate.
     """
     sig = inspect.signature(craft_feature_space_attack)
     return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "objective"])
