@@ -456,3 +456,16 @@ def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_feature
     # every feature tensor (weights and BatchNorm running statistics) is exactly the pretrained one
     assert all(torch.equal(after[k].cpu(), v) for k, v in cached.items() if k not in names)
     assert any(not torch.equal(after[k].cpu(), cached[k]) for k in names)
+
+
+def test_the_docstring_commands_parse():
+    import shlex
+
+    cli = _benchmark_cli()
+    text = cli.__doc__.replace("\\\n", " ")
+    commands = [shlex.split(line.strip()) for line in text.splitlines() if "recipes/benchmark.py" in line]
+    assert len(commands) >= 5
+    for words in commands:
+        argv = words[words.index("recipes/benchmark.py") + 1 :]
+        grid, config = cli.build_parser().parse_args_into_dataclasses(args=argv)
+        assert grid.output_dir.startswith("bench_out/") and config.num_train_epochs >= 1

@@ -205,3 +205,16 @@ def test_backdoor_recipe_on_two_cpu_processes(tmp_path: Path) -> None:
     check_run(out, stdout, num_rows=200)
     assert stdout.count(" training =") == 1  # banners come from the main process only
     assert json.loads((out / "recipe_results.json").read_text())["world_size"] == 2
+
+
+def test_parsing_seeds_every_generator_from_the_seed_flag() -> None:
+    """A recipe builds models and transforms before its Trainer: the parse seeds them, so --seed decides."""
+    import torch
+
+    module = load_recipe("transfer")
+    draws = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever state the process starts in
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--seed", "7"])
+        draws.append((torch.initial_seed(), torch.rand(3)))
+    assert draws[0][0] == draws[1][0] == 7 and torch.equal(draws[0][1], draws[1][1])

@@ -188,7 +188,9 @@ def parse_recipe_args(
     argv: list[str] | None = None,
     attack_kind: str | None = None,
 ) -> tuple[ScriptArguments, EpicConfig]:
-    """Parse ``HfArgumentParser((ScriptArguments, EpicConfig))`` with a recipe's defaults.
+    """Parse ``HfArgumentParser((ScriptArguments, EpicConfig))`` with a recipe's defaults, and seed every
+    generator from ``--seed`` (the recipes build models and transforms before the ``Trainer``, which
+    seeds only when it is built; without this a run would depend on torch's random start-up seed).
 
     Args:
         script_defaults: Defaults for ``ScriptArguments`` fields.
@@ -196,7 +198,7 @@ def parse_recipe_args(
         argv: Arguments to parse (default: the command line).
         attack_kind: Accept only attacks of this kind (``"targeted"`` or ``"backdoor"``) and ``none``.
     """
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser, set_seed
 
     parser = HfArgumentParser((ScriptArguments, EpicConfig))
     if attack_kind is not None:
@@ -208,6 +210,7 @@ def parse_recipe_args(
     parser.set_defaults(use_cpu=not torch.cuda.is_available())
     parser.set_defaults(**script_defaults, **training_defaults)
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)
     return script_args, training_args
 
 
