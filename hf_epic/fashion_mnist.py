@@ -134,18 +134,31 @@ def fashion_mnist_source(data_dir: str | os.PathLike | None = None) -> str:
     return HUB_ID
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> DatasetDict:
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None,
+    max_train_rows: int | None = None,
+    max_test_rows: int | None = None,
+) -> DatasetDict:
     """Load Fashion-MNIST as a ``DatasetDict`` with ``train`` (60,000) and ``test`` (10,000) rows.
 
     Args:
         data_dir: A folder with the four IDX files. None: Debian's folder, else the Hub.
+        max_train_rows: Keep only the first N training rows (None: all).
+        max_test_rows: Keep only the first N test rows (None: all).
 
     Raises:
         FileNotFoundError: when no source works; the message names all three ways to get the data.
     """
+    limits = {"train": max_train_rows, "test": max_test_rows}
     source = fashion_mnist_source(data_dir)
     if source != HUB_ID:
-        return DatasetDict({split: _to_dataset(*pair) for split, pair in arrays_from_idx(source).items()})
+        arrays = arrays_from_idx(source)
+        return DatasetDict(
+            {
+                split: _to_dataset(images[: limits[split]], labels[: limits[split]])
+                for split, (images, labels) in arrays.items()
+            }
+        )
     try:
         import datasets
 
@@ -158,6 +171,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> DatasetDict
             "the four IDX files; install Debian's package (apt-get install dataset-fashion-mnist, or "
             "make install as root); or connect to the internet for the Hub."
         ) from err
-    return DatasetDict(
-        {split: loaded[split].cast(features()) for split in ("train", "test")}
-    )
+    out = {}
+    for split in ("train", "test"):
+        ds = loaded[split]
+        if limits[split] is not None:
+            ds = ds.select(range(min(limits[split], len(ds))))
+        out[split] = ds.cast(features())
+    return DatasetDict(out)

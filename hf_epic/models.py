@@ -117,6 +117,29 @@ def build_tiny_vit(
     return ViTForImageClassification(ViTConfig(**kwargs))
 
 
+@register_model_kind("vit-p7")
+def build_tiny_vit_p7(
+    num_labels: int = 10, image_size: int = 28, num_channels: int = 1
+) -> ViTForImageClassification:
+    """A tiny ViT for 28x28 images (Fashion-MNIST): 7-pixel patches (16 tokens), width 64, 4 layers, 4 heads.
+
+    Args:
+        num_labels: Number of classes.
+        image_size: Side of the square input image, a multiple of 7.
+        num_channels: 1 for grayscale, 3 for RGB.
+    """
+    return build_tiny_vit(
+        num_labels,
+        image_size,
+        num_channels,
+        patch_size=7,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
+
+
 @register_model_kind("timm-vit")
 def build_tiny_timm(
     num_labels: int = 10,

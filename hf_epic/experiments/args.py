@@ -53,6 +53,13 @@ class DataArguments:
             "DatasetDict, or a Hub data set id (needs the internet)."
         },
     )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a data set's files where its loader reads them (fashion_mnist: the four IDX "
+            "files; default: Debian's /usr/share/datasets/fashion-mnist, else the Hub)."
+        },
+    )
     digits_variant: str = field(
         default="plain",
         metadata={"help": "Rendering of --dataset_name digits.", "choices": list(DIGITS_VARIANTS)},

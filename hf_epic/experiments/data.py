@@ -113,6 +113,17 @@ def load_digits(args: Any, seed: int) -> Any:
     )
 
 
+@register_dataset("fashion_mnist")
+def load_fashion_mnist_splits(args: Any, seed: int) -> Any:
+    """Fashion-MNIST (``args.data_dir``, else Debian's package folder, else the Hub; see
+    :func:`hf_epic.fashion_mnist.load_fashion_mnist`)."""
+    from hf_epic.fashion_mnist import load_fashion_mnist
+
+    return load_fashion_mnist(
+        getattr(args, "data_dir", None), max_train_rows=args.max_train_rows, max_test_rows=args.max_eval_rows
+    )
+
+
 @register_dataset("cifar10")
 def load_cifar10(args: Any, seed: int) -> Any:
     """CIFAR-10 from the Hub (needs the internet)."""
@@ -169,7 +180,13 @@ def label_names(ds: Any) -> dict[int, str]:
 
 def dataset_label(args: Any) -> str:
     """Name of the data set for a model card (``digits-plain``, ``cifar10``, ...)."""
-    return f"digits-{args.digits_variant}" if args.dataset_name == "digits" else args.dataset_name
+    if args.dataset_name == "digits":
+        return f"digits-{args.digits_variant}"
+    if args.dataset_name == "fashion_mnist":
+        from hf_epic.fashion_mnist import HUB_ID
+
+        return HUB_ID
+    return args.dataset_name
 
 
 def load_task(args: Any, seed: int) -> tuple[Any, Any, dict[int, str]]:
