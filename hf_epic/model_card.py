@@ -249,7 +249,7 @@ def _epic_context(
 ) -> dict[str, Any]:
     """Everything the template's EPIC section needs, formatted for Markdown."""
     if not isinstance(state.get("rounds", []), list):
-        raise ValueError("epic_state['rounds'] must be a list of round records (see docs/INTERFACES.md).")
+        raise ValueError("epic_state['rounds'] must be a list of round records (see docs/api.md).")
     rounds = state.get("rounds") or []
     num_rows = int(state.get("num_rows", 0))
     dropped = state.get("dropped") or []

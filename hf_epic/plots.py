@@ -1,7 +1,7 @@
 """Pictures of what EPIC did, drawn headless with matplotlib (Agg) and saved as PNG.
 
 Three figures, all built from the files the trainer writes in its output directory
-(see ``docs/INTERFACES.md``):
+(see ``docs/api.md``):
 
 * :func:`plot_embedding_rounds` - the talk's picture: a 2-D PCA projection of one class's
   gradient embeddings at a few selection rounds, with dropped rows and (when known)

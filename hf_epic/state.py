@@ -52,7 +52,7 @@ class EpicState:
         config: The ``epic_*`` settings of the run.
         epoch_start_steps: Global step at which each started epoch began (index = epoch).
         epoch_end_steps: Global step at which each finished epoch ended (index = epoch).
-        rounds: One dict per selection round (see ``docs/INTERFACES.md`` for the keys).
+        rounds: One dict per selection round (see ``docs/api.md`` for the keys).
         version: Format version of the file.
     """
 
