@@ -323,7 +323,9 @@ class EpicCallback(TrainerCallback):
             dataset = (
                 self.train_dataset if self.train_dataset is not None else getattr(dataloader, "dataset", None)
             )
-            self.prepare(args, kwargs.get("model"), dataset, getattr(dataloader, "collate_fn", None))
+            if self.collate_fn is None:
+                self.collate_fn = getattr(dataloader, "collate_fn", None)
+            self.prepare(args, kwargs.get("model"), dataset)
         if self.state is not None:
             self._epoch = len(self.state.epoch_end_steps)
         if self.trainer is None and dataloader is not None and self.state is not None:

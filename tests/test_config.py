@@ -346,9 +346,13 @@ def test_truncated_state_file_error_names_the_file(tmp_path):
 def test_a_second_epic_callback_is_refused(tmp_path):
     train = with_pixels(small_digits(40))
     with pytest.raises(ValueError, match="epic_callback=<your EpicCallback>"):
-        EpicTrainer(model=tiny_vit(0), args=make_config(tmp_path), train_dataset=train, callbacks=[EpicCallback()])
+        EpicTrainer(
+            model=tiny_vit(0), args=make_config(tmp_path), train_dataset=train, callbacks=[EpicCallback()]
+        )
     with pytest.raises(ValueError, match="already runs its own EpicCallback"):
-        EpicTrainer(model=tiny_vit(0), args=make_config(tmp_path), train_dataset=train, callbacks=[EpicCallback])
+        EpicTrainer(
+            model=tiny_vit(0), args=make_config(tmp_path), train_dataset=train, callbacks=[EpicCallback]
+        )
     trainer = EpicTrainer(model=tiny_vit(0), args=make_config(tmp_path), train_dataset=train)
     with pytest.raises(ValueError, match="already runs its own EpicCallback"):
         trainer.add_callback(EpicCallback(fraction=0.3))
