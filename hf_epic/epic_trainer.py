@@ -116,7 +116,9 @@ class EpicTrainer(Trainer):
     the model card gets an EPIC section.
 
     Args:
-        model: The classifier (returns ``logits``; ``config.num_labels`` classes).
+        model: The classifier: any model returning ``logits`` (a ``ModelOutput``, a dict such as
+            ``{"loss", "logits"}``, or a tensor); the class count is ``config.num_labels`` where the
+            model has one, else the width of its logits.
         args: An :class:`~hf_epic.EpicConfig` (plain ``TrainingArguments`` only with ``epic_callback``).
         *trainer_args: Passed to ``Trainer``.
         epic_embedding_dataset: The training rows, same order, with an un-augmented transform, used for
