@@ -203,3 +203,28 @@ def test_backdoor_recipe_on_two_cpu_processes(tmp_path: Path) -> None:
     check_run(out, stdout, num_rows=200)
     assert stdout.count(" training =") == 1  # banners come from the main process only
     assert json.loads((out / "recipe_results.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.multiprocess
+def test_backdoor_recipe_epic_drops_most_poisons_and_lowers_attack_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the recipe is for: against BadNets, EPIC removes most poisons and the trigger works less often."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend (~20x slower here)
+    out = tmp_path / "backdoor_effect"
+    args = [
+        "--max_train_rows", "500",
+        "--max_eval_rows", "200",
+        "--num_train_epochs", "12",
+        "--epic_start_epoch", "2",
+        "--epic_interval", "2",
+        "--poison_budget", "0.05",
+        "--per_device_train_batch_size", "32",
+        "--compare_undefended",
+    ]  # fmt: skip
+    run_recipe("backdoor", out, *args)
+    defended, undefended = json.loads((out / "recipe_results.json").read_text())["rows"]
+    assert undefended["run"] == "no defense" and undefended["rows_dropped"] == 0
+    assert defended["num_poisons"] == 25
+    assert defended["poisons_dropped"] > defended["num_poisons"] / 2
+    assert defended["attack_success_rate"] < undefended["attack_success_rate"]
