@@ -99,9 +99,10 @@ class EpicCallback(TrainerCallback):
 
     At the beginning of every scheduled epoch (after ``epic_start_epoch`` completed epochs, then every
     ``epic_interval`` epochs, before ``epic_stop_epoch``), it embeds every training row (dropped rows
-    included) in eval mode, gathers the embeddings of all processes, lets rank 0 select the isolated
-    rows (:meth:`select_rows`), broadcasts them, and removes them from the training sampler. Dropping
-    is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
+    included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
+    mode, gathers the embeddings of all processes, lets rank 0 select the isolated rows
+    (:meth:`select_rows`), limits them to ``epic_max_drop_fraction`` of each class (a class always
+    keeps a row), broadcasts them, and removes them from the training sampler. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
     ``epic_state.json`` in each checkpoint and in ``output_dir``.
 
     Args:
@@ -509,9 +510,8 @@ class EpicCallback(TrainerCallback):
             limit = min(math.floor(cap * int(counts[c]) + 1e-9), int(counts[c]) - 1)
             allowed = max(limit - int(before[c]), 0)
             if rows.numel() > allowed:
-                order = torch.sort(
-                    -losses[rows].double(), stable=True
-                ).indices  # rows are sorted: ties by position
+                # ``rows`` is sorted, so the stable sort breaks loss ties by the lowest position.
+                order = torch.sort(-losses[rows].double(), stable=True).indices
                 capped[str(c)] = int(rows.numel()) - allowed
                 rows = torch.sort(rows[order[:allowed]]).values
             keep.append(rows)
@@ -525,8 +525,8 @@ class EpicCallback(TrainerCallback):
         cap = float(self.settings["epic_max_drop_fraction"])
         if record["capped_per_class"]:
             logger.warning(
-                "EPIC round %d: epic_max_drop_fraction=%s kept rows EPIC selected (per class: %s); every class "
-                "keeps at least one row.",
+                "EPIC round %d: the per-class cap (epic_max_drop_fraction=%s; every class keeps at least one "
+                "row) kept rows EPIC selected, per class: %s.",
                 record["round"],
                 cap,
                 record["capped_per_class"],

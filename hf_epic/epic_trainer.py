@@ -264,9 +264,8 @@ class EpicTrainer(Trainer):
         collator = self.data_collator
         if dataset is not None and not _is_hf_dataset(dataset):
             collator = self._get_collator_with_removed_columns(collator, description="EPIC embedding")
-        self.epic_callback.collate_fn = (
-            collator  # set, not passed: subclasses may override prepare(args, model, ds)
-        )
+        # Set, not passed: subclasses of EpicCallback may override prepare(args, model, train_dataset).
+        self.epic_callback.collate_fn = collator
         self.epic_callback.prepare(self.args, self.model, self.train_dataset)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
 
