@@ -205,26 +205,19 @@ def test_backdoor_recipe_on_two_cpu_processes(tmp_path: Path) -> None:
     assert json.loads((out / "recipe_results.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_backdoor_recipe_epic_drops_most_poisons_and_lowers_attack_success(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the recipe is for: against BadNets, EPIC removes most poisons and the trigger works less often."""
+    """What the recipe is for, at its defaults (about 3 min on 2 busy CPU cores): undefended, the trigger
+    works; under EPIC most poisons are dropped and the trigger works far less often. Tiny runs (a few
+    hundred rows, a few epochs) cannot show this: there the backdoor often does not take hold at all."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend (~20x slower here)
     out = tmp_path / "backdoor_effect"
-    args = [
-        "--max_train_rows", "500",
-        "--max_eval_rows", "200",
-        "--num_train_epochs", "12",
-        "--epic_start_epoch", "2",
-        "--epic_interval", "2",
-        "--poison_budget", "0.05",
-        "--per_device_train_batch_size", "32",
-        "--compare_undefended",
-    ]  # fmt: skip
-    run_recipe("backdoor", out, *args)
+    run_recipe("backdoor", out, "--compare_undefended")
     defended, undefended = json.loads((out / "recipe_results.json").read_text())["rows"]
     assert undefended["run"] == "no defense" and undefended["rows_dropped"] == 0
-    assert defended["num_poisons"] == 25
-    assert defended["poisons_dropped"] > defended["num_poisons"] / 2
-    assert defended["attack_success_rate"] < undefended["attack_success_rate"]
+    assert undefended["attack_success_rate"] > 0.9
+    assert defended["poisons_dropped"] >= 0.75 * defended["num_poisons"]
+    assert defended["attack_success_rate"] < 0.5 * undefended["attack_success_rate"]
