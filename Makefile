@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.hf-epic-installed
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c requirements/pinned.txt
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install data demo test test-all lint format bench clean
 
 $(STAMP): pyproject.toml requirements/pinned.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,21 +16,34 @@ $(STAMP): pyproject.toml requirements/pinned.txt
 	$(PIP) -e ".[dev,bench]"
 	@touch $@
 
-install: $(STAMP)
+## Fashion-MNIST from Debian's package dataset-fashion-mnist (IDX files in $(FMNIST_DIR)): installed
+## when missing and this is root with apt; otherwise a note says how to get it (--data_dir or the Hub).
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo ">> installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "note: Fashion-MNIST is not in $(FMNIST_DIR) and this is not root with apt: install the Debian"; \
+		echo "      package dataset-fashion-mnist, pass --data_dir with the IDX files, or use the Hub."; \
+	fi
+
+install: $(STAMP) data
 
 ## The project's main job on its embedded offline default: fine-tune a ViT on a poisoned
 ## data set with EPIC, print the defense's table, write the model card and plots.
 DEMO_OUT ?= outputs/finetune_vit
-demo: $(STAMP)
+demo: install
 	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \
 		recipes/finetune_vit.py --output_dir $(DEMO_OUT)
 
 ## The test suite (what CI runs): lint, then every test not marked slow.
-test: $(STAMP)
+test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow and not gpu"
 
-test-all: $(STAMP)
+test-all: install
 	$(PY) -m pytest
 
 lint: $(STAMP)

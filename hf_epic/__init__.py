@@ -6,7 +6,8 @@ Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF im
     from hf_epic import find_isolated, SelectionResult            # the selection engine
     from hf_epic import render_model_card, make_epic_plots        # model cards and plots
     from hf_epic import load_digits_dataset                       # offline data
-    from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks
+    from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks (registered)
+    from hf_epic import experiments                               # what the recipes and benchmark share
 """
 
 from __future__ import annotations

@@ -303,3 +303,21 @@ def baseline_callback(
     if name == "low-confidence":
         return LowConfidenceDropCallback(*args, schedule=schedule, **kwargs)
     raise ValueError(f"Unknown baseline {name!r}; use one of {', '.join(BASELINES)}.")
+
+
+def _register_baselines() -> None:
+    """Register every baseline as a benchmark defense (at EPIC-0.2's fraction, replaying a schedule)."""
+    from hf_epic.experiments.defenses import register_defense
+
+    for name in BASELINES:
+        register_defense(
+            name,
+            group="baseline",
+            callback=lambda args, schedule, seed, name=name: baseline_callback(
+                name, args, schedule=schedule, seed=seed
+            ),
+            needs_schedule=True,
+        )
+
+
+_register_baselines()

@@ -27,6 +27,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .state import STATE_FILE_NAME
+
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 EPIC_TAGS = ("hf-epic", "epic", "data-poisoning-defense")
 BLOCK_START = "<!-- hf-epic:start -->"
@@ -56,10 +58,11 @@ def _state_dict(epic_state: Any) -> dict[str, Any]:
     if isinstance(epic_state, (str, Path)):
         path = Path(epic_state)
         if path.is_dir():
-            path = path / "epic_state.json"
+            path = path / STATE_FILE_NAME
         if not path.is_file():
             raise ValueError(
-                f"No EPIC state at {path}: pass an EpicState, its dict, or the path to epic_state.json."
+                f"No EPIC state at {path}: pass an EpicState, its dict, the trainer's output directory "
+                f"or the path to {STATE_FILE_NAME}."
             )
         return json.loads(path.read_text(encoding="utf-8"))
     if hasattr(epic_state, "to_dict"):
@@ -502,7 +505,7 @@ def update_model_card(
     output_dir = Path(trainer.args.output_dir)
     state_obj = getattr(trainer, "epic_state", None)
     if state_obj is None:
-        state_file = output_dir / "epic_state.json"
+        state_file = output_dir / STATE_FILE_NAME
         if not state_file.is_file():
             raise ValueError(
                 f"{type(trainer).__name__} has no epic_state and {state_file} does not exist: "

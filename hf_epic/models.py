@@ -19,7 +19,48 @@ from transformers import (
     ViTForImageClassification,
 )
 
-__all__ = ["build_tiny_cnn", "build_tiny_timm", "build_tiny_vit", "image_transform"]
+from .registry import Registry
+
+__all__ = [
+    "MODEL_KINDS",
+    "build_model",
+    "build_tiny_cnn",
+    "build_tiny_timm",
+    "build_tiny_vit",
+    "image_transform",
+    "model_kinds",
+    "register_model_kind",
+]
+
+MODEL_KINDS: Registry[Callable[[int, int, int], Any]] = Registry("model kind")
+"""Tiny model kinds built from a config: name -> ``builder(num_labels, image_size, num_channels)``."""
+
+
+def register_model_kind(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a ``builder(num_labels, image_size, num_channels)`` under ``name``."""
+
+    def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
+        MODEL_KINDS.add(name, builder)
+        return builder
+
+    return wrap
+
+
+def model_kinds() -> tuple[str, ...]:
+    """Registered tiny model kinds (``--model_kind`` choices)."""
+    return MODEL_KINDS.names()
+
+
+def build_model(kind: str, num_labels: int, image_size: int, num_channels: int) -> Any:
+    """Build a tiny model of a registered kind, with random weights (from torch's global generator).
+
+    Args:
+        kind: A registered kind (:func:`model_kinds`).
+        num_labels: Number of classes.
+        image_size: Side of the square input, in pixels.
+        num_channels: 1 (grayscale) or 3 (RGB).
+    """
+    return MODEL_KINDS.get(kind)(num_labels, image_size, num_channels)
 
 
 def _label_maps(num_labels: int) -> dict[str, dict]:
@@ -43,6 +84,7 @@ def _check_sizes(num_labels: int, image_size: int, num_channels: int, patch_size
         )
 
 
+@register_model_kind("vit")
 def build_tiny_vit(
     num_labels: int = 10, image_size: int = 32, num_channels: int = 3, **overrides: Any
 ) -> ViTForImageClassification:
@@ -75,6 +117,7 @@ def build_tiny_vit(
     return ViTForImageClassification(ViTConfig(**kwargs))
 
 
+@register_model_kind("timm-vit")
 def build_tiny_timm(
     num_labels: int = 10,
     image_size: int = 32,
@@ -112,6 +155,7 @@ def build_tiny_timm(
     return TimmWrapperForImageClassification(config)
 
 
+@register_model_kind("cnn")
 def build_tiny_cnn(
     num_labels: int = 10, image_size: int = 32, num_channels: int = 3
 ) -> TimmWrapperForImageClassification:

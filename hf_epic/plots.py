@@ -18,7 +18,6 @@ returns their paths relative to it, ready to link from the model card.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .model_card import _state_dict  # one reader of epic_state.json for cards and plots
 
 EMBEDDINGS_SUBDIR = "epic_embeddings"
 PLOTS_SUBDIR = "epic_plots"
@@ -47,30 +48,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _state_dict(epic_state: Any) -> dict[str, Any]:
-    """Accept an ``EpicState``, a dict, or a path to ``epic_state.json``; return the dict.
-
-    Args:
-        epic_state: The EPIC state in any of the three forms.
-    """
-    if isinstance(epic_state, (str, Path)):
-        path = Path(epic_state)
-        if path.is_dir():
-            path = path / "epic_state.json"
-        if not path.is_file():
-            raise ValueError(
-                f"No EPIC state at {path}: pass the trainer's output directory or its epic_state.json."
-            )
-        return json.loads(path.read_text(encoding="utf-8"))
-    if hasattr(epic_state, "to_dict"):
-        return epic_state.to_dict()
-    if isinstance(epic_state, Mapping):
-        return dict(epic_state)
-    raise TypeError(
-        f"epic_state must be an EpicState, a dict or a path to epic_state.json, got {type(epic_state).__name__}."
-    )
 
 
 def _class_name(label: int | str, class_names: Mapping[int, str] | Sequence[str] | None) -> str:

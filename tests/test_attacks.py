@@ -464,3 +464,26 @@ def test_every_attack_respects_the_requested_epsilon_and_budget(data, surrogate,
     else:
         assert spec.epsilon == pytest.approx(epsilon)
         assert int(change.max()) <= 5  # 5/255 of the caller's request, in 8-bit steps
+
+
+def test_every_registered_attack_s_settings_are_its_keyword_arguments_with_its_defaults():
+    """The settings dataclass and the craft_* function stay one interface: same names, same defaults."""
+    import dataclasses
+
+    from hf_epic.attacks import ATTACK_REGISTRY, AttackSettings, get_attack
+
+    context = {"target_ds", "model", "image_column", "label_column", "target_image_column", "device"}
+    for name, info in ATTACK_REGISTRY.items():
+        assert issubclass(info.settings, AttackSettings) and info.kind in ("targeted", "backdoor")
+        parameters = inspect.signature(info.craft).parameters
+        fields = {f.name: f.default for f in dataclasses.fields(info.settings)}
+        for field, default in fields.items():
+            assert parameters[field].default == default, (name, field)
+        keyword = {k for k, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+        assert keyword - set(fields) - context <= {"normalization"}, name
+        assert ("target_ds" in parameters) == (info.kind == "targeted"), name
+    assert get_attack("bullseye_polytope").victim_setting == "transfer"
+    assert get_attack("badnets").needs == "nothing" and get_attack("feature_collision").needs == "features"
+    with pytest.raises(ValueError, match="has no setting epsilon"):
+        get_attack("badnets").make_settings({"epsilon": 0.1})
+    assert get_attack("badnets").make_settings({"epsilon": 0.1}, strict=False).budget == 0.05

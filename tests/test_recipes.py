@@ -15,6 +15,8 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+from hf_epic.experiments import parse_recipe_args
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 NAMES = ("finetune_vit", "from_scratch", "transfer", "backdoor")
@@ -48,7 +50,7 @@ def test_docstring_commands_are_ready_to_paste(name: str) -> None:
         config = words[words.index("--config_file") + 1]
         assert (ROOT / config).is_file(), config
         argv = words[words.index(script) + 1 :]
-        _, training_args = module.parse_args(
+        _, training_args = parse_recipe_args(
             module.SCRIPT_DEFAULTS,
             module.TRAINING_DEFAULTS,
             argv=argv,
@@ -61,7 +63,7 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
     from hf_epic import EpicConfig
 
     module = load_recipe(name)
-    a, training_args = module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=[])
+    a, training_args = parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=[])
     assert isinstance(training_args, EpicConfig)
     assert training_args.output_dir == f"outputs/{name}"
     assert training_args.remove_unused_columns is False and training_args.epic_enabled
@@ -70,7 +72,7 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
         if key != "report_to":
             assert getattr(training_args, key) == value, key
     # command-line flags override the recipe's defaults
-    a, training_args = module.parse_args(
+    a, training_args = parse_recipe_args(
         module.SCRIPT_DEFAULTS,
         module.TRAINING_DEFAULTS,
         argv=["--epic_fraction", "0.3", "--attack", "none"],
@@ -80,12 +82,12 @@ def test_defaults_parse_into_script_arguments_and_epic_config(name: str) -> None
 
 def test_bad_recipe_arguments_fail_before_any_work() -> None:
     module = load_recipe("finetune_vit")
-    with pytest.raises(ValueError, match="--attack 'nonsense' is unknown"):
-        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--attack", "nonsense"])
+    with pytest.raises(SystemExit):  # argparse: the choices are the attack registry's names
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--attack", "nonsense"])
     with pytest.raises(ValueError, match="--source_fraction"):
-        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--source_fraction", "1.5"])
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--source_fraction", "1.5"])
     with pytest.raises(ValueError, match="epic_fraction"):
-        module.parse_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--epic_fraction", "2"])
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--epic_fraction", "2"])
 
 
 def test_accelerate_configs() -> None:
@@ -224,3 +226,16 @@ def test_backdoor_recipe_epic_drops_most_poisons(tmp_path: Path, monkeypatch: py
     poison_share = defended["num_poisons"] / defended["num_rows"]
     assert defended["poisons_dropped"] / defended["rows_dropped"] > 1.5 * poison_share
     assert defended["attack_success_rate"] <= undefended["attack_success_rate"]
+
+
+def test_parsing_seeds_every_generator_from_the_seed_flag() -> None:
+    """A recipe builds models and transforms before its Trainer: the parse seeds them, so --seed decides."""
+    import torch
+
+    module = load_recipe("transfer")
+    draws = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # whatever state the process starts in
+        parse_recipe_args(module.SCRIPT_DEFAULTS, module.TRAINING_DEFAULTS, argv=["--seed", "7"])
+        draws.append((torch.initial_seed(), torch.rand(3)))
+    assert draws[0][0] == draws[1][0] == 7 and torch.equal(draws[0][1], draws[1][1])

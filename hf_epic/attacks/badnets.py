@@ -7,6 +7,7 @@ the patch goes to the poison class while clean accuracy stays intact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,10 +15,23 @@ import torch
 from datasets import Dataset
 
 from .common import draw_classes, load_training_set
+from .registry import AttackSettings, register_attack
 from .spec import PoisonSpec, budget_count, build_poisoned_dataset, check_class, images_to_uint8
 from .trigger import check_trigger, make_patch_trigger, stamp
 
 
+@dataclass
+class BadNetsSettings(AttackSettings):
+    """Settings of :func:`craft_badnets` (the fields are its keyword arguments)."""
+
+    budget: float = 0.05
+    source_class: int | None = None
+    trigger: dict[str, Any] | None = None
+    patch_size: int | None = None
+    location: str | tuple[int, int] = "bottom_right"
+
+
+@register_attack("badnets", kind="backdoor", needs="nothing", settings=BadNetsSettings)
 def craft_badnets(
     train_ds: Dataset,
     *,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +17,7 @@ from .spec import (
     check_class,
     check_epsilon,
     check_no_poison_column,
+    images_to_tensor,
     images_to_uint8,
     num_classes_of,
     resolve_columns,
@@ -185,53 +189,145 @@ def check_count(train: TrainingSet, budget: float, poison_class: int) -> int:
     return n
 
 
+def settings_of(settings_class: type, arguments: Mapping[str, Any]) -> Any:
+    """An attack's settings dataclass from its craft function's arguments (``locals()`` on entry)."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return settings_class(**{k: v for k, v in arguments.items() if k in names})
+
+
 def get_surrogate(
-    train_ds: Dataset,
+    train: TrainingSet,
     model: torch.nn.Module | None,
-    surrogate_epochs: int | None,
-    *,
-    seed: int,
-    image_column: str,
-    label_column: str,
+    settings: Any,
     device: str | torch.device | None,
     normalization: Normalization = DEFAULT_NORMALIZATION,
-    progress: bool = True,
+    seed_offset: int = 0,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Return the surrogate (trained on the clean set when needed) and a JSON description of it.
 
-    A given ``model`` is used as it is unless ``surrogate_epochs`` asks to train it; with no model the
-    default tiny ResNet is built and trained for ``surrogate_epochs`` (12 when None).
+    A given ``model`` is used as it is unless ``settings.surrogate_epochs`` asks to train it; with no
+    model the default tiny ResNet is built and trained for ``surrogate_epochs`` (12 when None).
+
+    Args:
+        train: the loaded training set.
+        model: the attacker's model, or None.
+        settings: the attack's settings (``surrogate_epochs``, ``seed``, ``progress``).
+        device: where to train (None: CUDA if available).
+        normalization: the surrogate's input ``(mean, std)``.
+        seed_offset: added to ``settings.seed`` (one surrogate of an ensemble).
     """
+    surrogate_epochs, seed, progress = (
+        settings.surrogate_epochs,
+        settings.seed + seed_offset,
+        settings.progress,
+    )
     dev = default_device(device)
     if model is not None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         info: dict[str, Any] = {"model": type(model).__name__, "trained_here_epochs": surrogate_epochs or 0}
-        if surrogate_epochs:
-            train_surrogate(
-                train_ds,
-                model=model,
-                epochs=surrogate_epochs,
-                seed=seed,
-                image_column=image_column,
-                label_column=label_column,
-                device=dev,
-                normalization=normalization,
-                progress=progress,
-            )
-        return model.to(dev).eval(), info
-    epochs = 12 if surrogate_epochs is None else int(surrogate_epochs)
+        if not surrogate_epochs:
+            return model.to(dev).eval(), info
+        epochs = surrogate_epochs
+    else:
+        epochs = 12 if surrogate_epochs is None else int(surrogate_epochs)
+        info = {"model": "hf_epic.models.build_tiny_cnn", "trained_here_epochs": epochs, "seed": seed}
     trained = train_surrogate(
-        train_ds,
+        train.ds,
+        model=model,
         epochs=epochs,
         seed=seed,
-        image_column=image_column,
-        label_column=label_column,
+        image_column=train.image_column,
+        label_column=train.label_column,
         device=dev,
         normalization=normalization,
         progress=progress,
     )
-    return trained, {"model": "hf_epic.models.build_tiny_cnn", "trained_here_epochs": epochs, "seed": seed}
+    return (trained if model is None else model.to(dev).eval()), info
+
+
+def check_target_choice(settings: Any, poison_selections: tuple[str, ...]) -> None:
+    """Check how a targeted attack chooses its targets and its poison rows.
+
+    Args:
+        settings: the attack's settings (``target_selection``, ``target_pool_fraction``, ``poison_selection``).
+        poison_selections: the attack's poison-row strategies.
+    """
+    if settings.target_selection not in ("low_margin", "random"):
+        raise ValueError(f"target_selection={settings.target_selection!r}: use 'low_margin' or 'random'.")
+    if not 0 < settings.target_pool_fraction <= 1:
+        raise ValueError(f"target_pool_fraction={settings.target_pool_fraction!r} must be in (0, 1].")
+    if settings.poison_selection not in poison_selections:
+        options = " or ".join(repr(s) for s in poison_selections)
+        raise ValueError(f"poison_selection={settings.poison_selection!r}: use {options}.")
+
+
+@dataclass
+class Targets:
+    """The targets of a targeted attack and the class the poisons carry.
+
+    Attributes:
+        indices: target rows of the target set.
+        target_class: their (shared) class.
+        poison_class: the class the poisons carry (the target should land in it).
+        count: number of poisons.
+        chosen_here: whether the targets were chosen by the attack (not given).
+    """
+
+    indices: list[int]
+    target_class: int
+    poison_class: int
+    count: int
+    chosen_here: bool
+
+
+def resolve_targets(
+    surrogate: torch.nn.Module,
+    train: TrainingSet,
+    target_ds: Dataset,
+    columns: tuple[str, str],
+    settings: Any,
+    normalization: Normalization,
+) -> Targets:
+    """Choose the targets with the surrogate (unless given), then the poison class (unless given: the
+    surrogate's most likely other class for the first target), then the number of poisons.
+
+    Args:
+        surrogate: the attacker's model.
+        train: the loaded training set.
+        target_ds: the set holding the targets.
+        columns: ``(image_column, label_column)`` of ``target_ds``.
+        settings: the attack's :class:`~hf_epic.attacks.registry.TargetedSettings` (explicit targets
+            and poison class or None, how many targets, how they are chosen, the budget, the seed).
+        normalization: the surrogate's input ``(mean, std)``.
+    """
+    from .surrogate import choose_targets, predict
+
+    t_img, t_lab = columns
+    target_indices, poison_class = settings.target_indices, settings.poison_class
+    chosen_here = target_indices is None
+    if chosen_here:
+        target_indices, poison_class = choose_targets(
+            surrogate,
+            target_ds,
+            num_targets=settings.num_targets,
+            poison_class=poison_class,
+            strategy=settings.target_selection,
+            pool_fraction=settings.target_pool_fraction,
+            seed=settings.seed,
+            image_column=t_img,
+            label_column=t_lab,
+            normalization=normalization,
+        )
+    target_indices = [int(i) for i in target_indices]
+    target_class = int(target_ds[target_indices[0]][t_lab])
+    if poison_class is None:
+        first = images_to_tensor(target_ds, t_img, target_indices[:1])
+        logits = predict(surrogate, first, normalization=normalization)[0]
+        logits[target_class] = -math.inf
+        poison_class = int(logits.argmax())
+    count = check_count(train, settings.budget, poison_class)
+    return Targets(target_indices, target_class, poison_class, count, chosen_here)
 
 
 def freeze(model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, bool]]:

@@ -9,20 +9,42 @@ from them then places the target among the poisons, i.e. in the poison class.
 from __future__ import annotations
 
 import inspect
-import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .common import check_count, check_targets, freeze, get_surrogate, load_training_set, unfreeze
+from .common import (
+    check_count,
+    check_target_choice,
+    check_targets,
+    freeze,
+    get_surrogate,
+    load_training_set,
+    resolve_targets,
+    settings_of,
+    unfreeze,
+)
+from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
-from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, features_of, predict
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, features_of
 
 OBJECTIVES = {"polytope": "bullseye_polytope", "collision": "feature_collision"}
 """Objective -> the attack name recorded in ``PoisonSpec.attack``."""
 SETTINGS = ("transfer", "finetune")
+
+
+@dataclass
+class FeatureSpaceSettings(TargetedSettings):
+    """Settings of the feature-space attacks (the keyword arguments of
+    :func:`craft_feature_space_attack` but ``objective``)."""
+
+    setting: str = "transfer"
+    steps: int = 300
+    step_size: float = 0.05
+    poison_selection: str = "nearest"
 
 
 def feature_loss(
@@ -141,54 +163,22 @@ def craft_feature_space_attack(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {tuple(OBJECTIVES)}.")
     attack = OBJECTIVES[objective]
+    settings = settings_of(FeatureSpaceSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}: use 'transfer' (frozen features) or 'finetune'.")
-    if target_selection not in ("low_margin", "random"):
-        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
-    if not 0 < target_pool_fraction <= 1:
-        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
-    if poison_selection not in ("nearest", "random"):
-        raise ValueError(f"poison_selection={poison_selection!r}: use 'nearest' or 'random'.")
+    check_target_choice(settings, ("nearest", "random"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1.")
 
-    surrogate, surrogate_info = get_surrogate(
-        train_ds,
-        model,
-        surrogate_epochs,
-        seed=seed,
-        image_column=train.image_column,
-        label_column=train.label_column,
-        device=device,
-        normalization=normalization,
-        progress=progress,
-    )
-    chosen_here = target_indices is None
-    if chosen_here:
-        target_indices, poison_class = choose_targets(
-            surrogate,
-            target_ds,
-            num_targets=num_targets,
-            poison_class=poison_class,
-            strategy=target_selection,
-            pool_fraction=target_pool_fraction,
-            seed=seed,
-            image_column=t_img,
-            label_column=t_lab,
-            normalization=normalization,
-        )
-    target_indices = [int(i) for i in target_indices]
-    target_class = int(target_ds[target_indices[0]][t_lab])
+    surrogate, surrogate_info = get_surrogate(train, model, settings, device, normalization)
+    targets = resolve_targets(surrogate, train, target_ds, (t_img, t_lab), settings, normalization)
+    target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
+    count, chosen_here = targets.count, targets.chosen_here
     x_target = images_to_tensor(target_ds, t_img, target_indices)
-    if poison_class is None:
-        logits = predict(surrogate, x_target[:1], normalization=normalization)[0]
-        logits[target_class] = -math.inf
-        poison_class = int(logits.argmax())
-    count = check_count(train, budget, poison_class)
 
     dev = next(surrogate.parameters()).device
     flags = freeze(surrogate)
@@ -274,8 +264,35 @@ def craft_feature_space_attack(
 def alias_signature() -> inspect.Signature:
     """Signature of :func:`craft_feature_space_attack` without ``objective`` (the aliases' signature).
 
-    The aliases take ``**kwargs``; giving them this signature keeps ``inspect.signature`` (which the
-    harness and recipes use to pass only the arguments an attack takes) and ``help()`` accurate.
+    The aliases take ``**kwargs``; giving them this signature keeps ``inspect.signature`` and ``help()``
+    accurate.
     """
     sig = inspect.signature(craft_feature_space_attack)
     return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "objective"])
+
+
+@register_attack("bullseye_polytope", kind="targeted", needs="features", settings=FeatureSpaceSettings)
+def craft_bullseye_polytope(train_ds: Dataset, **kwargs: Any) -> tuple[Dataset, PoisonSpec]:
+    """Bullseye Polytope (Aghakhani et al., EuroS&P 2021): the *mean* of the poisons' penultimate
+    features is pulled onto the target's, so the target sits at the centre ("bullseye") of the polytope
+    the poisons span in feature space.
+
+    :func:`craft_feature_space_attack` with ``objective="polytope"``: the same keyword arguments and
+    return value (``spec.attack == "bullseye_polytope"``).
+    """
+    return craft_feature_space_attack(train_ds, objective="polytope", **kwargs)
+
+
+@register_attack("feature_collision", kind="targeted", needs="features", settings=FeatureSpaceSettings)
+def craft_feature_collision(train_ds: Dataset, **kwargs: Any) -> tuple[Dataset, PoisonSpec]:
+    """Feature Collision ("Poison Frogs", Shafahi et al., NeurIPS 2018): every poison's own penultimate
+    features are pulled onto the target's, within an l_inf ball of its clean image.
+
+    :func:`craft_feature_space_attack` with ``objective="collision"``: the same keyword arguments and
+    return value (``spec.attack == "feature_collision"``).
+    """
+    return craft_feature_space_attack(train_ds, objective="collision", **kwargs)
+
+
+craft_bullseye_polytope.__signature__ = alias_signature()  # type: ignore[attr-defined]
+craft_feature_collision.__signature__ = alias_signature()  # type: ignore[attr-defined]

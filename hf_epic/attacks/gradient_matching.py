@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,9 +27,18 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .common import check_count, check_targets, get_surrogate, load_training_set
+from .common import (
+    check_count,
+    check_target_choice,
+    check_targets,
+    get_surrogate,
+    load_training_set,
+    resolve_targets,
+    settings_of,
+)
+from .registry import TargetedSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, images_to_uint8, quantise_poisons
-from .surrogate import DEFAULT_NORMALIZATION, Normalization, choose_targets, logits_of, shift_flip
+from .surrogate import DEFAULT_NORMALIZATION, Normalization, logits_of, shift_flip
 
 
 def parameter_gradients(
@@ -215,6 +225,17 @@ def match_gradients(
     }
 
 
+@dataclass
+class GradientMatchingSettings(TargetedSettings):
+    """Settings of :func:`craft_gradient_matching` (the fields are its keyword arguments)."""
+
+    ensemble: int = 1
+    restarts: int = 4
+    max_shift: int = 2
+    flip: bool = False
+
+
+@register_attack("gradient_matching", kind="targeted", needs="surrogate", settings=GradientMatchingSettings)
 def craft_gradient_matching(
     train_ds: Dataset,
     *,
@@ -288,14 +309,10 @@ def craft_gradient_matching(
     Raises:
         ValueError / TypeError: on bad arguments, before any training.
     """
+    settings = settings_of(GradientMatchingSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     t_img, t_lab = check_targets(train, target_ds, target_indices, poison_class, target_image_column)
-    if target_selection not in ("low_margin", "random"):
-        raise ValueError(f"target_selection={target_selection!r}: use 'low_margin' or 'random'.")
-    if not 0 < target_pool_fraction <= 1:
-        raise ValueError(f"target_pool_fraction={target_pool_fraction!r} must be in (0, 1].")
-    if poison_selection not in ("random", "gradient_norm"):
-        raise ValueError(f"poison_selection={poison_selection!r}: use 'random' or 'gradient_norm'.")
+    check_target_choice(settings, ("random", "gradient_norm"))
     if poison_class is not None:
         check_count(train, budget, poison_class)
     if steps < 1 or restarts < 1:
@@ -308,46 +325,14 @@ def craft_gradient_matching(
         raise ValueError("model is an empty list; pass at least one surrogate (or None for the default).")
     members, member_info = [], []
     for k, member in enumerate(given):
-        trained, info_k = get_surrogate(
-            train_ds,
-            member,
-            surrogate_epochs,
-            seed=seed + k,
-            image_column=train.image_column,
-            label_column=train.label_column,
-            device=device,
-            normalization=normalization,
-            progress=progress,
-        )
+        trained, info_k = get_surrogate(train, member, settings, device, normalization, seed_offset=k)
         members.append(trained)
         member_info.append(info_k)
     surrogate = members[0]
     surrogate_info = member_info[0] if len(members) == 1 else {"ensemble": member_info}
-    chosen_here = target_indices is None
-    if target_indices is None:
-        target_indices, poison_class = choose_targets(
-            surrogate,
-            target_ds,
-            num_targets=num_targets,
-            poison_class=poison_class,
-            strategy=target_selection,
-            pool_fraction=target_pool_fraction,
-            seed=seed,
-            image_column=t_img,
-            label_column=t_lab,
-            normalization=normalization,
-        )
-    target_indices = [int(i) for i in target_indices]
-    target_class = int(target_ds[target_indices[0]][t_lab])
-    if poison_class is None:
-        from .surrogate import predict
-
-        logits = predict(
-            surrogate, images_to_tensor(target_ds, t_img, target_indices[:1]), normalization=normalization
-        )[0]
-        logits[target_class] = -math.inf
-        poison_class = int(logits.argmax())
-    count = check_count(train, budget, poison_class)
+    targets = resolve_targets(surrogate, train, target_ds, (t_img, t_lab), settings, normalization)
+    target_indices, target_class, poison_class = targets.indices, targets.target_class, targets.poison_class
+    count, chosen_here = targets.count, targets.chosen_here
 
     dev = next(surrogate.parameters()).device
     x_all = images_to_tensor(train_ds, train.image_column)

@@ -13,13 +13,15 @@ working as the victim's weights move.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from datasets import Dataset
 
-from .common import check_count, draw_classes, get_surrogate, load_training_set
+from .common import check_count, draw_classes, get_surrogate, load_training_set, settings_of
 from .gradient_matching import alignment_loss, match_gradients, parameter_gradients, select_poisons
+from .registry import PerturbationSettings, register_attack
 from .spec import PoisonSpec, build_poisoned_dataset, images_to_tensor, quantise_poisons
 from .surrogate import DEFAULT_NORMALIZATION, Normalization, build_default_surrogate, train_on_tensors
 from .trigger import check_trigger, make_patch_trigger, stamp
@@ -52,6 +54,25 @@ def _trigger_gradient(
     return [t.detach() for t in total]
 
 
+@dataclass
+class SleeperAgentSettings(PerturbationSettings):
+    """Settings of :func:`craft_sleeper_agent` (the fields are its keyword arguments)."""
+
+    source_class: int | None = None
+    trigger: dict[str, Any] | None = None
+    patch_size: int | None = None
+    location: str | tuple[int, int] = "bottom_right"
+    setting: str = "scratch"
+    retrain_rounds: int = 1
+    retrain_epochs: int | None = None
+    num_source: int | None = None
+    restarts: int = 1
+    max_shift: int = 2
+    flip: bool = False
+    poison_selection: str = "gradient_norm"
+
+
+@register_attack("sleeper_agent", kind="backdoor", needs="surrogate", settings=SleeperAgentSettings)
 def craft_sleeper_agent(
     train_ds: Dataset,
     *,
@@ -126,6 +147,7 @@ def craft_sleeper_agent(
     Returns:
         ``(poisoned_ds, spec)``; ``spec.trigger`` holds the trigger with its ``source_class``.
     """
+    settings = settings_of(SleeperAgentSettings, locals())
     train = load_training_set(train_ds, image_column, label_column, budget, epsilon)
     poison_class, source_class = draw_classes(poison_class, source_class, train.num_classes, seed)
     if setting not in ("scratch", "finetune"):
@@ -146,17 +168,7 @@ def craft_sleeper_agent(
         trigger = dict(trigger, source_class=source_class)
     check_trigger(trigger, train.shape)
 
-    surrogate, surrogate_info = get_surrogate(
-        train_ds,
-        model,
-        surrogate_epochs,
-        seed=seed,
-        image_column=train.image_column,
-        label_column=train.label_column,
-        device=device,
-        normalization=normalization,
-        progress=progress,
-    )
+    surrogate, surrogate_info = get_surrogate(train, model, settings, device, normalization)
     dev = next(surrogate.parameters()).device
     pretrained = copy.deepcopy(surrogate) if setting == "finetune" else None
     x_all = images_to_tensor(train_ds, train.image_column)

@@ -21,8 +21,9 @@ import torch
 from datasets import ClassLabel, Dataset, Image, Value
 from PIL import Image as PILImage
 
+from ..epic_callback import POISON_COLUMN  # the column EPIC reads: one name
+
 SPEC_VERSION = 1
-POISON_COLUMN = "is_poison"
 
 
 @dataclass
