@@ -16,12 +16,19 @@ import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EmbeddingResult", "compute_gradient_embeddings", "find_classifier", "model_input_names"]
+__all__ = [
+    "EmbeddingResult",
+    "collate_rows",
+    "compute_gradient_embeddings",
+    "find_classifier",
+    "model_input_names",
+]
 
 LABEL_KEYS = ("labels", "label", "label_ids")
 
@@ -127,8 +134,52 @@ def _collate(items: list[dict], input_names: Sequence[str], device: torch.device
     return batch
 
 
+def _model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return param.device, (floats[0] if floats else torch.float32)
+
+
+def collate_rows(items: list[dict], model: nn.Module, collate_fn: Any = None) -> dict[str, Any]:
+    """Turn transformed rows into the keyword arguments of ``model.forward``, as training does.
+
+    With ``collate_fn`` (the trainer's data collator, e.g. ``DataCollatorWithPadding``) the rows are
+    collated by it and the model's inputs are taken from its output (labels are left out: the
+    embedding pass uses its own). Without it, the model-input columns are stacked. Floating tensors
+    are cast to the model's floating dtype and everything is moved to the model's device.
+
+    Raises:
+        ValueError: If the collated batch feeds none of the model's inputs.
+    """
+    device, dtype = _model_device_and_dtype(model)
+    input_names = model_input_names(model)
+    if collate_fn is None:
+        batch = _collate(items, input_names, device)
+    else:
+        collated = collate_fn(items)
+        if not hasattr(collated, "items"):
+            raise ValueError(
+                f"the data collator returned a {type(collated).__name__}; EPIC needs a dict of model inputs "
+                "(as Trainer passes model(**batch))."
+            )
+        batch = {k: v for k, v in collated.items() if k in input_names}
+        if not batch:
+            raise ValueError(
+                f"the data collator returns {sorted(collated)} but the model's forward takes {list(input_names)}; "
+                "make the collator (or the dataset's transform) produce the model's inputs."
+            )
+    out: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and value.dtype != dtype:
+                value = value.to(dtype)
+            value = value.to(device)
+        out[name] = value
+    return out
+
+
 def _identity(items: list[dict]) -> list[dict]:
-    """Collate function returning the transformed rows as they are (stacked later)."""
+    """Collate function returning the transformed rows as they are (collated later)."""
     return items
 
 
@@ -141,12 +192,12 @@ def _local_pass(
     batch_size: int,
     show_progress: bool,
     num_workers: int = 0,
+    collate_fn: Any = None,
+    pin_memory: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed ``rows`` on this process. Returns (embeddings, losses)."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    input_names = model_input_names(model)
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if kind == "last_layer_grad":
@@ -167,10 +218,11 @@ def _local_pass(
                 batch_sampler=[idx.tolist() for idx in chunks_of_rows],
                 collate_fn=_identity,
                 num_workers=num_workers,
+                pin_memory=pin_memory,
             )
             progress = tqdm(loader, desc="EPIC embeddings", disable=not show_progress, leave=False)
             for idx, items in zip(chunks_of_rows, progress):
-                logits = extract_logits(model(**_collate(items, input_names, device))).float()
+                logits = extract_logits(model(**collate_rows(items, model, collate_fn))).float()
                 y = labels[idx].to(logits.device)
                 probs = torch.softmax(logits, dim=-1)
                 g = probs - F.one_hot(y, probs.shape[-1]).to(probs.dtype)
@@ -203,6 +255,8 @@ def compute_gradient_embeddings(
     show_progress: bool = False,
     distributed: bool = True,
     num_workers: int = 0,
+    collate_fn: Any = None,
+    pin_memory: bool = False,
 ) -> EmbeddingResult:
     """Compute the gradient embedding of every row of ``dataset``.
 
@@ -214,6 +268,10 @@ def compute_gradient_embeddings(
         batch_size: Rows per forward pass.
         show_progress: Show a tqdm progress bar.
         num_workers: DataLoader worker processes that load and transform rows (0: in this process).
+        collate_fn: The data collator training uses (e.g. ``DataCollatorWithPadding`` for text of
+            varying length); it runs in this process on the rows the workers loaded. None: stack the
+            model-input columns.
+        pin_memory: Pin the loaded rows' memory (as ``dataloader_pin_memory``; only useful on a GPU).
         distributed: With several processes (accelerate/torch.distributed), shard the rows across
             ranks and gather the result so every rank gets all rows. If False, embed all rows here.
 
@@ -231,7 +289,9 @@ def compute_gradient_embeddings(
         state = PartialState()
         world, rank = state.num_processes, state.process_index
     rows = torch.arange(rank, num_rows, world, dtype=torch.long)
-    emb, losses = _local_pass(model, dataset, rows, labels, kind, batch_size, show_progress, num_workers)
+    emb, losses = _local_pass(
+        model, dataset, rows, labels, kind, batch_size, show_progress, num_workers, collate_fn, pin_memory
+    )
     if world > 1:
         # Every rank must contribute equal shapes: pad to the largest shard with row -1.
         per_rank = -(-num_rows // world)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .embeddings import compute_gradient_embeddings
 from .epic_config import default_epic_settings, validate_epic_settings
 from .sampler import KeptRowsSampler
-from .state import STATE_FILE_NAME, EpicState
+from .state import STATE_FILE_NAME, EpicState, check_state_matches_run
 from .validation import (
     check_embedding_dataset,
     check_enough_rows,
@@ -48,8 +49,30 @@ def _resolve_settings(config: Any, overrides: Mapping[str, Any]) -> dict[str, An
         if name not in values:
             raise TypeError(f"unknown EPIC setting {key!r}; valid names: {sorted(values)}.")
         values[name] = value
-    validate_epic_settings(values)
-    return values
+    return validate_epic_settings(values)
+
+
+def _model_view(dataset: Any, model: Any, args: TrainingArguments) -> Any:
+    """The rows as the Trainer feeds them: with ``remove_unused_columns``, only columns the model takes.
+
+    Mirrors ``Trainer._remove_unused_columns`` (forward parameters and label columns are kept) so the
+    trainer's data collator sees the same columns in the embedding pass as in training. A dataset
+    with a ``set_transform`` is left as it is (its transform reads the raw columns).
+    """
+    import datasets
+
+    if not getattr(args, "remove_unused_columns", False) or not isinstance(dataset, datasets.Dataset):
+        return dataset
+    if (dataset.format or {}).get("type") == "custom":
+        return dataset
+    import inspect
+
+    keep = set(inspect.signature(model.forward).parameters) | {"label", "label_ids", "labels"}
+    keep |= set(getattr(args, "label_names", None) or [])
+    unused = [c for c in dataset.column_names if c not in keep]
+    if not unused or len(unused) == len(dataset.column_names):
+        return dataset
+    return dataset.remove_columns(unused)
 
 
 def _distributed() -> tuple[int, int]:
@@ -76,9 +99,10 @@ class EpicCallback(TrainerCallback):
 
     At the beginning of every scheduled epoch (after ``epic_start_epoch`` completed epochs, then every
     ``epic_interval`` epochs, before ``epic_stop_epoch``), it embeds every training row (dropped rows
-    included) in eval mode, gathers the embeddings of all processes, lets rank 0 select the isolated
-    rows (:meth:`select_rows`), broadcasts them, and removes them from the training sampler. Dropping
-    is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
+    included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
+    mode, gathers the embeddings of all processes, lets rank 0 select the isolated rows
+    (:meth:`select_rows`), limits them to ``epic_max_drop_fraction`` of each class (a class always
+    keeps a row), broadcasts them, and removes them from the training sampler. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
     ``epic_state.json`` in each checkpoint and in ``output_dir``.
 
     Args:
@@ -133,8 +157,13 @@ class EpicCallback(TrainerCallback):
         self.labels: torch.Tensor | None = None
         self.is_poison: torch.Tensor | None = None
         self.last_selection: Any = None
+        self.collate_fn: Any = None
+        self.num_labels: int | None = None
+        self._embedding_view: Any = None
         self._epoch = 0
         self._prepared = False
+        self._restored = False
+        self._state_source: str | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -201,10 +230,15 @@ class EpicCallback(TrainerCallback):
     def load_state(self, source: EpicState | str | os.PathLike) -> None:
         """Restore an EPIC state (an ``EpicState``, an ``epic_state.json`` or a folder holding one).
 
+        The state is checked against the run when training begins (:meth:`prepare`): same row count,
+        dropped rows in range, the same selection settings.
+
         Args:
             source: Where the state comes from.
         """
         state = source if isinstance(source, EpicState) else EpicState.load(source)
+        self._state_source = None if isinstance(source, EpicState) else os.fspath(source)
+        self._restored = True
         self.state = state
         self._epoch = len(state.epoch_end_steps)
         if self.sampler is not None:
@@ -223,37 +257,53 @@ class EpicCallback(TrainerCallback):
         self.sampler.seed = int(seed)
         return self.sampler
 
-    def prepare(self, args: TrainingArguments, model: Any, train_dataset: Any) -> None:
+    def prepare(
+        self, args: TrainingArguments, model: Any, train_dataset: Any, collate_fn: Any = None
+    ) -> None:
         """Resolve settings and check the data and model (raises before any training step).
 
         Args:
             args: The trainer's arguments.
             model: The model to be trained.
             train_dataset: The training set.
+            collate_fn: The data collator training uses; the input check and the embedding pass
+                collate rows with it (None: stack the model-input columns).
         """
         if self.settings is None:
             self.settings = _resolve_settings(args if hasattr(args, "epic_settings") else None, {})
         self.seed = int(args.data_seed if args.data_seed is not None else args.seed)
+        if collate_fn is not None:
+            self.collate_fn = collate_fn
         if not self.settings["epic_enabled"]:
             self._prepared = True
-            if self.state is None and train_dataset is not None and hasattr(train_dataset, "__len__"):
-                self.state = EpicState(num_rows=len(train_dataset), config=self._json_config())
+            if train_dataset is not None and hasattr(train_dataset, "__len__"):
+                if self.state is None:
+                    self.state = EpicState(num_rows=len(train_dataset), config=self._json_config())
+                elif self._restored:
+                    check_state_matches_run(self.state, len(train_dataset), self.settings, self._state_source)
             return
         if self.train_dataset is None:
             self.train_dataset = train_dataset
         check_train_dataset(self.train_dataset)
         self.label_column = find_label_column(self.train_dataset)
         self.labels = read_labels(self.train_dataset, self.label_column)
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if num_labels is None:
-            raise ValueError("the model has no config.num_labels; EPIC needs a classifier with a config.")
-        check_labels_in_range(self.labels, int(num_labels))
+        self.is_poison = read_bool_column(self.train_dataset, POISON_COLUMN)
+        if self.state is not None and self._restored:
+            check_state_matches_run(self.state, len(self.train_dataset), self.settings, self._state_source)
+        declared = getattr(getattr(model, "config", None), "num_labels", None)
+        if declared is not None:  # checked first: a label outside the model's classes needs no forward
+            check_labels_in_range(self.labels, int(declared))
         check_enough_rows(self.labels, _distributed()[1])
         if self.embedding_dataset is not None:
             check_embedding_dataset(self.embedding_dataset, self.train_dataset, self.label_column)
         view = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
-        check_model_logits(model, view, int(num_labels))
-        self.is_poison = read_bool_column(self.train_dataset, POISON_COLUMN)
+        self._embedding_view = _model_view(view, model, args)
+        width = check_model_logits(
+            model, self._embedding_view, int(declared) if declared is not None else None, self.collate_fn
+        )
+        if declared is None:  # a plain nn.Module: the class count is the width of its logits
+            check_labels_in_range(self.labels, width)
+        self.num_labels = width
         if self.state is None:
             self.state = EpicState(num_rows=len(self.train_dataset), config=self._json_config())
         elif self.state.num_rows != len(self.train_dataset):
@@ -274,6 +324,8 @@ class EpicCallback(TrainerCallback):
             dataset = (
                 self.train_dataset if self.train_dataset is not None else getattr(dataloader, "dataset", None)
             )
+            if self.collate_fn is None:
+                self.collate_fn = getattr(dataloader, "collate_fn", None)
             self.prepare(args, kwargs.get("model"), dataset)
         if self.state is not None:
             self._epoch = len(self.state.epoch_end_steps)
@@ -350,9 +402,13 @@ class EpicCallback(TrainerCallback):
         assert self.settings is not None and self.state is not None and self.labels is not None
         s = self.settings
         rank, world = _distributed()
-        dataset = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
+        dataset = self._embedding_view
+        if dataset is None:
+            view = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
+            dataset = _model_view(view, model, args)
         batch_size = s["epic_embedding_batch_size"] or max(args.per_device_eval_batch_size, 256)
         show = rank == 0 and not args.disable_tqdm
+        on_gpu = next(model.parameters()).device.type != "cpu"
         emb = compute_gradient_embeddings(
             model,
             dataset,
@@ -361,6 +417,8 @@ class EpicCallback(TrainerCallback):
             batch_size=batch_size,
             show_progress=show,
             num_workers=args.dataloader_num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=bool(args.dataloader_pin_memory and on_gpu),
         )
         already = torch.as_tensor(self.state.dropped, dtype=torch.long)
         payload: list[Any] = [None]
@@ -371,16 +429,20 @@ class EpicCallback(TrainerCallback):
             newly = newly[~torch.isin(newly, already)]
             if newly.numel() and (newly[0] < 0 or newly[-1] >= self.state.num_rows):
                 raise ValueError(f"select_rows returned row positions outside [0, {self.state.num_rows}).")
-            payload = [{"newly": newly.tolist(), "seconds": time.perf_counter() - start}]
+            newly, capped = self._apply_cap(newly, already, emb.losses)
+            payload = [{"newly": newly.tolist(), "capped": capped, "seconds": time.perf_counter() - start}]
         if world > 1:
             payload = broadcast_object_list(payload, from_process=0)
         newly_list: list[int] = payload[0]["newly"]
+        capped_per_class: dict[str, int] = payload[0]["capped"]
         selection_seconds = float(payload[0]["seconds"])
         newly_t = torch.as_tensor(newly_list, dtype=torch.long)
         dropped = sorted(set(self.state.dropped) | set(newly_list))
         per_class: dict[str, int] = {}
         for label in self.labels[newly_t].tolist():
             per_class[str(label)] = per_class.get(str(label), 0) + 1
+        share_before = self._class_shares(self.state.dropped)
+        shares = self._class_shares(dropped)
         record: dict[str, Any] = {
             "round": len(self.state.rounds) + 1,
             "epoch": epoch,
@@ -393,6 +455,8 @@ class EpicCallback(TrainerCallback):
             "clean_dropped": None,
             "poisons_dropped_total": None,
             "clean_dropped_total": None,
+            "dropped_share_per_class": {c: round(v, 4) for c, v in shares.items()},
+            "capped_per_class": capped_per_class,
             "embedding_seconds": round(emb.seconds, 4),
             "selection_seconds": round(selection_seconds, 4),
         }
@@ -413,7 +477,71 @@ class EpicCallback(TrainerCallback):
         if s["epic_save_embeddings"] and rank == 0:
             self._save_embeddings(args, record, emb.embeddings, already, newly_t)
         self._log(args, state, record)
+        if rank == 0:
+            self._warn_about_shares(record, share_before, shares)
         return record
+
+    def _class_shares(self, dropped: list[int]) -> dict[str, float]:
+        """Share of each class's rows among ``dropped`` (every class of the training set, by label)."""
+        assert self.labels is not None
+        counts = torch.bincount(self.labels)
+        gone = torch.bincount(self.labels[torch.as_tensor(dropped, dtype=torch.long)], minlength=len(counts))
+        return {str(c): float(gone[c]) / float(counts[c]) for c in range(len(counts)) if counts[c] > 0}
+
+    def _apply_cap(
+        self, newly: torch.Tensor, already: torch.Tensor, losses: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, int]]:
+        """Limit the cumulative drop of every class to ``epic_max_drop_fraction`` and keep one row of each.
+
+        Where a class's new drops would pass its allowance, the rows with the highest loss are dropped
+        (ties: lowest position first) and the others kept. Returns the drops and, per class, how many
+        rows the cap kept.
+        """
+        assert self.settings is not None and self.labels is not None
+        cap = float(self.settings["epic_max_drop_fraction"])
+        labels = self.labels
+        counts = torch.bincount(labels)
+        before = torch.bincount(labels[already], minlength=len(counts))
+        keep: list[torch.Tensor] = []
+        capped: dict[str, int] = {}
+        new_labels = labels[newly]
+        for c in torch.unique(new_labels).tolist():
+            rows = newly[new_labels == c]
+            limit = min(math.floor(cap * int(counts[c]) + 1e-9), int(counts[c]) - 1)
+            allowed = max(limit - int(before[c]), 0)
+            if rows.numel() > allowed:
+                # ``rows`` is sorted, so the stable sort breaks loss ties by the lowest position.
+                order = torch.sort(-losses[rows].double(), stable=True).indices
+                capped[str(c)] = int(rows.numel()) - allowed
+                rows = torch.sort(rows[order[:allowed]]).values
+            keep.append(rows)
+        result = torch.sort(torch.cat(keep)).values if keep else newly
+        return result, capped
+
+    def _warn_about_shares(
+        self, record: dict[str, Any], before: dict[str, float], after: dict[str, float]
+    ) -> None:
+        assert self.settings is not None
+        cap = float(self.settings["epic_max_drop_fraction"])
+        if record["capped_per_class"]:
+            logger.warning(
+                "EPIC round %d: the per-class cap (epic_max_drop_fraction=%s; every class keeps at least one "
+                "row) kept rows EPIC selected, per class: %s.",
+                record["round"],
+                cap,
+                record["capped_per_class"],
+            )
+        crossed = {c: v for c, v in after.items() if v > cap / 2 and before.get(c, 0.0) <= cap / 2}
+        if crossed:
+            shown = ", ".join(f"class {c}: {100 * v:.1f} %" for c, v in list(crossed.items())[:20])
+            logger.warning(
+                "EPIC has now removed more than half of epic_max_drop_fraction=%s of some classes (%s%s). If that "
+                "is more than you expect, lower epic_fraction or epic_cluster_threshold, or set "
+                "epic_max_drop_fraction.",
+                cap,
+                shown,
+                ", ..." if len(crossed) > 20 else "",
+            )
 
     def _save_embeddings(
         self,
@@ -452,6 +580,8 @@ class EpicCallback(TrainerCallback):
             "epic/dropped_new": len(record["newly_dropped"]),
             "epic/dropped_total": record["num_dropped_total"],
             "epic/kept": record["num_kept"],
+            "epic/max_class_dropped_share": max(record["dropped_share_per_class"].values(), default=0.0),
+            "epic/capped": sum(record["capped_per_class"].values()),
             "epic/embedding_seconds": record["embedding_seconds"],
             "epic/selection_seconds": record["selection_seconds"],
         }
@@ -468,11 +598,14 @@ class EpicCallback(TrainerCallback):
             self.trainer.log(logs)
         else:
             state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
+        shares = record["dropped_share_per_class"]
         logger.info(
-            "EPIC round %d (epoch %d): dropped %d new, %d total, %d kept",
+            "EPIC round %d (epoch %d): dropped %d new, %d total, %d kept; share of each class dropped: %s",
             record["round"],
             record["epoch"],
             len(record["newly_dropped"]),
             record["num_dropped_total"],
             record["num_kept"],
+            ", ".join(f"{c}: {100 * v:.1f} %" for c, v in list(shares.items())[:50])
+            + (", ..." if len(shares) > 50 else ""),
         )

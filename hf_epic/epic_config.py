@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 from transformers import TrainingArguments
 
 __all__ = ["EpicConfig", "default_epic_settings", "validate_epic_settings"]
@@ -19,95 +20,157 @@ def _bad(name: str, value: Any, need: str, fix: str) -> ValueError:
     return ValueError(f"{name}={value!r} is invalid: {need}. {fix}")
 
 
-def validate_epic_settings(values: Mapping[str, Any]) -> None:
-    """Check EPIC settings and raise a ValueError that says what to change.
+def _wrong_type(name: str, value: Any, need: str, example: str) -> TypeError:
+    hint = ""
+    if isinstance(value, str):
+        hint = (
+            " (a string is not converted: 'False' would read as true)"
+            if need.startswith("a bool")
+            else (" (a string is not converted)")
+        )
+    return TypeError(
+        f"{name}={value!r} has type {type(value).__name__}, but it must be {need}{hint}; pass e.g. {name}={example}."
+    )
+
+
+def _as_bool(name: str, value: Any, example: str) -> bool:
+    """Accept Python and numpy booleans; refuse strings, numbers and None."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise _wrong_type(name, value, "a bool (True or False)", example)
+
+
+def _as_int(name: str, value: Any, example: str, optional: bool = False) -> int | None:
+    """Accept Python and numpy integers (not bools, not floats); None only when ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    need = "an int or None" if optional else "an int"
+    raise _wrong_type(name, value, need, example)
+
+
+def _as_float(name: str, value: Any, example: str) -> float:
+    """Accept Python and numpy ints and floats (not bools); refuse NaN."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        number = float(value)
+        if number != number:
+            raise _bad(name, value, "it is not a number (NaN)", f"Pass e.g. {name}={example}.")
+        return number
+    raise _wrong_type(name, value, "a number (float)", example)
+
+
+def _as_choice(name: str, value: Any, choices: tuple[str, ...], fix: str) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(name, value, f"a str, one of {choices}", repr(choices[0]))
+    if value not in choices:
+        raise _bad(name, value, f"choose one of {choices}", fix)
+    return str(value)
+
+
+def validate_epic_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check EPIC settings and raise an error that names the setting and says what to change.
+
+    Numpy scalars are accepted where they mean the same value (``np.float32(0.2)``, ``np.int64(2)``,
+    ``np.bool_(True)``) and converted to the Python type.
 
     Args:
         values: A mapping with every ``epic_*`` field of :class:`EpicConfig`.
 
+    Returns:
+        The settings with every value converted to its Python type.
+
     Raises:
-        ValueError: On the first invalid setting.
-        TypeError: When a setting has the wrong type.
+        ValueError: On the first value out of range.
+        TypeError: On the first value of the wrong type (a string for a bool, None for a number, ...).
     """
+    out = dict(values)
+    out["epic_enabled"] = _as_bool("epic_enabled", values["epic_enabled"], "False")
+    out["epic_save_embeddings"] = _as_bool("epic_save_embeddings", values["epic_save_embeddings"], "True")
     for name in ("epic_interval", "epic_start_epoch", "epic_cluster_threshold", "epic_memory_budget_mb"):
-        if isinstance(values[name], bool) or not isinstance(values[name], int):
-            raise TypeError(f"{name} must be an int, got {type(values[name]).__name__}; pass e.g. {name}=2.")
-    fraction = values["epic_fraction"]
-    if (
-        isinstance(fraction, bool)
-        or not isinstance(fraction, (int, float))
-        or not 0.0 < float(fraction) < 1.0
-    ):
+        out[name] = _as_int(name, values[name], "2")
+    out["epic_stop_epoch"] = _as_int("epic_stop_epoch", values["epic_stop_epoch"], "10", optional=True)
+    out["epic_embedding_batch_size"] = _as_int(
+        "epic_embedding_batch_size", values["epic_embedding_batch_size"], "256", optional=True
+    )
+    fraction = _as_float("epic_fraction", values["epic_fraction"], "0.2")
+    if not 0.0 < fraction < 1.0:
         raise _bad(
             "epic_fraction",
-            fraction,
+            values["epic_fraction"],
             "it is the share of each class kept as medoids and must lie strictly between 0 and 1",
             "Use 0.1, 0.2 or 0.3 (EPIC-0.1/0.2/0.3); to switch EPIC off set epic_enabled=False.",
         )
-    if values["epic_interval"] < 1:
+    out["epic_fraction"] = fraction
+    if out["epic_interval"] < 1:
         raise _bad(
             "epic_interval", values["epic_interval"], "it must be >= 1 epoch", "Pass epic_interval=1 or more."
         )
-    if values["epic_start_epoch"] < 1:
+    if out["epic_start_epoch"] < 1:
         raise _bad(
             "epic_start_epoch",
             values["epic_start_epoch"],
             "the first round needs at least one trained epoch (gradients of an untrained model say nothing)",
             "Pass epic_start_epoch=1 or more.",
         )
-    stop = values["epic_stop_epoch"]
-    if stop is not None:
-        if isinstance(stop, bool) or not isinstance(stop, int):
-            raise TypeError(f"epic_stop_epoch must be an int or None, got {type(stop).__name__}.")
-        if stop <= values["epic_start_epoch"]:
-            raise _bad(
-                "epic_stop_epoch",
-                stop,
-                f"no round would run, since it is not after epic_start_epoch={values['epic_start_epoch']}",
-                "Pass a larger epic_stop_epoch, or None for no stop.",
-            )
-    if values["epic_greedy"] not in GREEDY_CHOICES:
+    stop = out["epic_stop_epoch"]
+    if stop is not None and stop <= out["epic_start_epoch"]:
         raise _bad(
-            "epic_greedy", values["epic_greedy"], f"choose one of {GREEDY_CHOICES}", "Use 'lazy' (default)."
+            "epic_stop_epoch",
+            stop,
+            f"no round would run, since it is not after epic_start_epoch={out['epic_start_epoch']}",
+            "Pass a larger epic_stop_epoch, or None for no stop.",
         )
-    if values["epic_metric"] not in METRIC_CHOICES:
-        raise _bad(
-            "epic_metric",
-            values["epic_metric"],
-            f"choose one of {METRIC_CHOICES}",
-            "Use 'euclidean' (default).",
-        )
-    if values["epic_embedding"] not in EMBEDDING_CHOICES:
-        raise _bad(
-            "epic_embedding",
-            values["epic_embedding"],
-            f"choose one of {EMBEDDING_CHOICES}",
-            "Use 'logits_grad' (the reference's) or 'last_layer_grad'.",
-        )
-    if values["epic_cluster_threshold"] < 1:
+    out["epic_greedy"] = _as_choice(
+        "epic_greedy", values["epic_greedy"], GREEDY_CHOICES, "Use 'lazy' (default)."
+    )
+    out["epic_metric"] = _as_choice(
+        "epic_metric", values["epic_metric"], METRIC_CHOICES, "Use 'euclidean' (default)."
+    )
+    out["epic_embedding"] = _as_choice(
+        "epic_embedding",
+        values["epic_embedding"],
+        EMBEDDING_CHOICES,
+        "Use 'logits_grad' (the reference's) or 'last_layer_grad'.",
+    )
+    if out["epic_cluster_threshold"] < 1:
         raise _bad(
             "epic_cluster_threshold",
             values["epic_cluster_threshold"],
             "clusters of size <= threshold are dropped and every cluster holds its medoid",
             "Pass 1 (default: drop medoids no other row chose) or more.",
         )
-    batch = values["epic_embedding_batch_size"]
-    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+    batch = out["epic_embedding_batch_size"]
+    if batch is not None and batch < 1:
         raise _bad(
             "epic_embedding_batch_size",
             batch,
             "it must be a positive int",
             "Pass e.g. 256, or None to use per_device_eval_batch_size.",
         )
-    if values["epic_memory_budget_mb"] < 1:
+    if out["epic_memory_budget_mb"] < 1:
         raise _bad(
             "epic_memory_budget_mb", values["epic_memory_budget_mb"], "it must be >= 1", "Pass e.g. 1024."
         )
-    eps = values["epic_stochastic_epsilon"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+    eps = _as_float("epic_stochastic_epsilon", values["epic_stochastic_epsilon"], "0.01")
+    if not 0.0 < eps < 1.0:
         raise _bad(
-            "epic_stochastic_epsilon", eps, "it must lie strictly between 0 and 1", "Use the default 0.01."
+            "epic_stochastic_epsilon",
+            values["epic_stochastic_epsilon"],
+            "it must lie strictly between 0 and 1",
+            "Use the default 0.01.",
         )
+    out["epic_stochastic_epsilon"] = eps
+    cap = _as_float("epic_max_drop_fraction", values["epic_max_drop_fraction"], "0.5")
+    if not 0.0 < cap <= 1.0:
+        raise _bad(
+            "epic_max_drop_fraction",
+            values["epic_max_drop_fraction"],
+            "it is the largest share of each class EPIC may remove over the whole run, in (0, 1]",
+            "Pass e.g. 0.5, or 1.0 for no cap (EPIC still keeps at least one row of every class).",
+        )
+    out["epic_max_drop_fraction"] = cap
+    return out
 
 
 @dataclass
@@ -187,10 +250,19 @@ class EpicConfig(TrainingArguments):
     epic_stochastic_epsilon: float = field(
         default=0.01, metadata={"help": "Epsilon of stochastic greedy (sample size n/k*log(1/eps))."}
     )
+    epic_max_drop_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Largest share of each class EPIC may remove over the whole run, in (0, 1]. A round that "
+            "would pass it drops the highest-loss rows up to the cap. Whatever the cap, at least one row of "
+            "every class is kept. A warning is logged once a class has lost more than half the cap."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        validate_epic_settings(self.epic_settings())
+        for name, value in validate_epic_settings(self.epic_settings()).items():
+            setattr(self, name, value)
 
     def epic_settings(self) -> dict[str, Any]:
         """Return the ``epic_*`` fields as a plain dict (the ``config`` of ``epic_state.json``)."""

@@ -29,6 +29,12 @@ ORIGINAL_ROW_COLUMN = "epic_original_row"
 _TRAINER_HOOKS = ("_run_epoch", "set_initial_training_values", "_init_training_state", "_get_train_sampler")
 
 
+def _is_hf_dataset(dataset: Any) -> bool:
+    import datasets
+
+    return isinstance(dataset, datasets.Dataset)
+
+
 def _check_transformers_version() -> None:
     missing = [name for name in _TRAINER_HOOKS if not callable(getattr(Trainer, name, None))]
     if missing:
@@ -39,6 +45,63 @@ def _check_transformers_version() -> None:
             f"{transformers.__version__} has none); upgrade with `pip install -U 'transformers>=5.24'`, "
             "or use hf_epic.EpicCallback with a plain Trainer (see its docstring for what it cannot do)."
         )
+
+
+def _refuse_second_epic_callback(callback: Any) -> None:
+    is_epic = isinstance(callback, EpicCallback) or (
+        isinstance(callback, type) and issubclass(callback, EpicCallback)
+    )
+    if is_epic:
+        raise ValueError(
+            "EpicTrainer already runs its own EpicCallback; a second one would select and save other drops "
+            "than those training uses. Pass yours as EpicTrainer(..., epic_callback=<your EpicCallback>) instead "
+            "of in callbacks / add_callback."
+        )
+
+
+def _checkpoint_problem(folder: str, need_epic_state: bool) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (None if it looks complete).
+
+    ``trainer_state.json`` is the last file the Trainer writes into a checkpoint, so a folder whose
+    ``trainer_state.json`` is missing or unreadable was cut short during its save.
+    """
+    import json
+
+    for name, needed in (("trainer_state.json", True), (STATE_FILE_NAME, need_epic_state)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            if needed:
+                return f"it has no {name}"
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+        except (OSError, ValueError) as error:
+            return f"its {name} is unreadable ({error})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str, need_epic_state: bool = True) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that was completely written (None if none).
+
+    Newer folders that were cut short (a process killed during the save) are skipped with a warning.
+    """
+    import re
+
+    if not os.path.isdir(output_dir):
+        return None
+    pattern = re.compile(r"^checkpoint-(\d+)$")
+    found = []
+    for name in os.listdir(output_dir):
+        match = pattern.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, folder in sorted(found, reverse=True):
+        problem = _checkpoint_problem(folder, need_epic_state)
+        if problem is None:
+            return folder
+        logger.warning("Skipping %s for resume_from_checkpoint=True: %s (a save cut short).", folder, problem)
+    return None
 
 
 class EpicTrainer(Trainer):
@@ -53,7 +116,9 @@ class EpicTrainer(Trainer):
     the model card gets an EPIC section.
 
     Args:
-        model: The classifier (returns ``logits``; ``config.num_labels`` classes).
+        model: The classifier: any model returning ``logits`` (a ``ModelOutput``, a dict such as
+            ``{"loss", "logits"}``, or a tensor); the class count is ``config.num_labels`` where the
+            model has one, else the width of its logits.
         args: An :class:`~hf_epic.EpicConfig` (plain ``TrainingArguments`` only with ``epic_callback``).
         *trainer_args: Passed to ``Trainer``.
         epic_embedding_dataset: The training rows, same order, with an un-augmented transform, used for
@@ -97,6 +162,8 @@ class EpicTrainer(Trainer):
         if train_dataset is not None and (settings is None or settings["epic_enabled"]):
             check_train_dataset(train_dataset)  # before Trainer's own, less helpful, length check
         callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+        for extra in callbacks:
+            _refuse_second_epic_callback(extra)
         super().__init__(model, args, *trainer_args, callbacks=[epic_callback, *callbacks], **trainer_kwargs)
         self.epic_callback = epic_callback
         epic_callback.trainer = self
@@ -109,6 +176,16 @@ class EpicTrainer(Trainer):
             self.model.add_model_tags(MODEL_TAGS)
 
     # ----------------------------------------------------------------- public API
+
+    def add_callback(self, callback: Any) -> None:
+        """As ``Trainer.add_callback``, but a second :class:`~hf_epic.EpicCallback` is refused."""
+        _refuse_second_epic_callback(callback)
+        super().add_callback(callback)
+
+    @property
+    def _epic_on(self) -> bool:
+        settings = self.epic_callback.settings
+        return settings is None or bool(settings["epic_enabled"])
 
     @property
     def epic_state(self) -> EpicState | None:
@@ -145,10 +222,24 @@ class EpicTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """Check the inputs, restore the EPIC state when resuming, then train (see ``Trainer.train``)."""
+        for callback in self.callback_handler.callbacks:
+            if callback is not self.epic_callback:
+                _refuse_second_epic_callback(callback)
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, need_epic_state=self._epic_on
+            )
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                newest = (
+                    get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                )
+                raise ValueError(
+                    f"No complete checkpoint found in output directory ({self.args.output_dir})"
+                    + (f"; {newest} was cut short during its save" if newest else "")
+                    + ". Train from the start (resume_from_checkpoint=None)."
+                )
+        self.epic_callback._restored = False
+        self.epic_callback._state_source = None
         if resume_from_checkpoint:
             path = os.path.join(resume_from_checkpoint, STATE_FILE_NAME)
             if os.path.isfile(path):
@@ -170,6 +261,11 @@ class EpicTrainer(Trainer):
                 "remove_unused_columns=False in EpicConfig, as the transformers image-classification examples do."
             )
         self.epic_callback._prepared = False
+        collator = self.data_collator
+        if dataset is not None and not _is_hf_dataset(dataset):
+            collator = self._get_collator_with_removed_columns(collator, description="EPIC embedding")
+        # Set, not passed: subclasses of EpicCallback may override prepare(args, model, train_dataset).
+        self.epic_callback.collate_fn = collator
         self.epic_callback.prepare(self.args, self.model, self.train_dataset)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
 
@@ -178,7 +274,8 @@ class EpicTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """Iterate the kept rows, shuffled from seed + epoch."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if dataset is None or not hasattr(dataset, "__len__"):
+        if dataset is None or not hasattr(dataset, "__len__") or not self._epic_on:
+            self.epic_callback.sampler = None  # EPIC off: the stock sampler, as a plain Trainer
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         sampler = self.epic_callback.make_sampler(len(dataset), seed)
@@ -194,6 +291,9 @@ class EpicTrainer(Trainer):
     def set_initial_training_values(self, args: TrainingArguments, dataloader: Any):
         """As in ``Trainer``, but with ``max_steps`` set, allow as many epochs as the shrinking set needs."""
         values = list(super().set_initial_training_values(args, dataloader))
+        if not self._epic_on:
+            self._epic_num_train_epochs = None
+            return tuple(values)
         if args.max_steps > 0:
             values[0] = sys.maxsize
         self._epic_num_train_epochs = values[0]
@@ -207,6 +307,8 @@ class EpicTrainer(Trainer):
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         epic = self.epic_callback.state
+        if not self._epic_on:
+            return epochs_trained, steps_trained
         if resume_from_checkpoint is not None and epic is not None and epic.epoch_start_steps:
             epochs_trained = len(epic.epoch_end_steps)
             steps_trained = 0
@@ -230,7 +332,9 @@ class EpicTrainer(Trainer):
         if self.args.max_steps <= 0 and self._epic_num_train_epochs is not None:
             starts = self.epic_callback.state.epoch_start_steps
             start = starts[epoch] if epoch < len(starts) else self.state.global_step
-            new_max = start + (self._epic_num_train_epochs - epoch) * num_update_steps_per_epoch
+            # As Trainer: a fractional num_train_epochs ends the last epoch after its share of the steps.
+            remaining = float(self.args.num_train_epochs) - epoch
+            new_max = start + math.ceil(remaining * num_update_steps_per_epoch)
             self._set_max_steps(new_max)
         return super()._run_epoch(
             model, epoch, train_dataloader, steps_in_epoch, num_update_steps_per_epoch, *args, **kwargs

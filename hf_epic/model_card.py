@@ -238,6 +238,17 @@ def _attack_rows(spec: dict[str, Any], class_names: Any) -> list[tuple[str, str]
     return rows
 
 
+def _cap_context(state: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-class drop cap and the largest share of one class dropped (None where not recorded)."""
+    shares = (rounds[-1].get("dropped_share_per_class") or {}) if rounds else {}
+    cap = (state.get("config") or {}).get("epic_max_drop_fraction", 1.0)
+    return {
+        "max_drop_fraction": f"{100 * float(cap):.0f} %",
+        "max_class_dropped_share": f"{100 * max(shares.values()):.1f} %" if shares else None,
+        "num_capped": sum(sum((r.get("capped_per_class") or {}).values()) for r in rounds),
+    }
+
+
 def _epic_context(
     state: dict[str, Any],
     *,
@@ -314,6 +325,7 @@ def _epic_context(
         "num_poisons": num_poisons,
         "poison_recall": _pct(poisons_dropped or 0, num_poisons or 0),
         "config_rows": [(k, _fmt(v)) for k, v in sorted((state.get("config") or {}).items())],
+        **_cap_context(state, rounds),
         "round_rows": round_rows,
         "class_round_columns": [r.get("round", i + 1) for i, r in enumerate(rounds)] if show_rounds else [],
         "class_rows": class_rows,

@@ -95,6 +95,7 @@ import logging
 import math
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -871,6 +872,13 @@ def find_isolated(
             labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold.
         TypeError: If the inputs are neither torch tensors nor numpy arrays.
     """
+    if isinstance(fraction, (int, float)) and fraction >= 1 and cluster_threshold >= 1:
+        warnings.warn(
+            f"find_isolated(fraction={fraction}) makes every row its own medoid, so every row is isolated and "
+            "dropped; use a fraction below 1 (EPIC uses 0.1-0.3).",
+            UserWarning,
+            stacklevel=2,
+        )
     start = time.perf_counter()
     device = embeddings.device if isinstance(embeddings, torch.Tensor) else torch.device("cpu")
     workers = torch.get_num_threads() if device.type == "cpu" else 1

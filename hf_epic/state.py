@@ -16,7 +16,28 @@ from typing import Any
 STATE_FILE_NAME = "epic_state.json"
 STATE_VERSION = 1
 
-__all__ = ["STATE_FILE_NAME", "EpicState", "atomic_write_json"]
+__all__ = [
+    "RESUME_CHECKED_SETTINGS",
+    "STATE_FILE_NAME",
+    "EpicState",
+    "atomic_write_json",
+    "check_state_matches_run",
+]
+
+# Settings that change which rows a run drops: a state made with other values does not describe this run.
+RESUME_CHECKED_SETTINGS = (
+    "epic_enabled",
+    "epic_fraction",
+    "epic_interval",
+    "epic_start_epoch",
+    "epic_stop_epoch",
+    "epic_greedy",
+    "epic_metric",
+    "epic_cluster_threshold",
+    "epic_embedding",
+    "epic_stochastic_epsilon",
+    "epic_max_drop_fraction",
+)
 
 
 def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
@@ -141,5 +162,72 @@ class EpicState:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, STATE_FILE_NAME)
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); the file is damaged (e.g. truncated). Resume from an "
+                "earlier checkpoint folder, or delete that checkpoint folder and resume again."
+            ) from error
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path} holds a {type(data).__name__}, not an EPIC state object; the file is damaged."
+            )
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
+
+
+def check_state_matches_run(
+    state: EpicState, num_rows: int, settings: dict[str, Any], source: str | None = None
+) -> None:
+    """Refuse a restored state that does not describe the run it is resumed into.
+
+    Checks the row count, that every dropped position lies in ``[0, num_rows)``, that the recorded
+    epoch boundaries are consistent, and that the settings in :data:`RESUME_CHECKED_SETTINGS` equal
+    those the state was made with (a setting the state does not record counts as its default).
+
+    Args:
+        state: The restored state.
+        num_rows: Rows of this run's training set.
+        settings: This run's ``epic_*`` settings.
+        source: Where the state came from (for the message).
+
+    Raises:
+        ValueError: Naming the mismatch and the fix.
+    """
+    from .epic_config import default_epic_settings
+
+    where = f"the EPIC state from {source}" if source else "the restored EPIC state"
+    if state.num_rows != num_rows:
+        raise ValueError(
+            f"{where} covers {state.num_rows} rows but the training set has {num_rows}; resume with the same "
+            "training set (same rows, same order)."
+        )
+    bad = [i for i in state.dropped if not 0 <= i < num_rows]
+    if bad or len(set(state.dropped)) != len(state.dropped):
+        raise ValueError(
+            f"{where} lists dropped rows outside [0, {num_rows}) or twice (e.g. {bad[:3]}); the file is damaged "
+            "or from another training set. Resume from another checkpoint."
+        )
+    starts, ends = state.epoch_start_steps, state.epoch_end_steps
+    ordered = all(a <= b for a, b in zip(starts, starts[1:])) and all(s <= e for s, e in zip(starts, ends))
+    if len(ends) > len(starts) or not ordered:
+        raise ValueError(
+            f"{where} has inconsistent epoch boundaries (starts {starts[:5]}..., ends {ends[:5]}...); the file is "
+            "damaged. Resume from another checkpoint."
+        )
+    defaults = default_epic_settings()
+    differ = []
+    for name in RESUME_CHECKED_SETTINGS:
+        made = state.config.get(name, defaults[name])
+        now = settings.get(name, defaults[name])
+        if made != now:
+            differ.append(f"{name}={made!r} (this run: {now!r})")
+    if differ:
+        raise ValueError(
+            f"{where} was made with other EPIC settings: {', '.join(differ)}. Resume with the settings it was "
+            "made with, or train from the start (no resume_from_checkpoint) to use new ones."
+        )

@@ -55,27 +55,39 @@ def check_train_dataset(dataset: Any, what: str = "train_dataset") -> None:
 def find_label_column(dataset: Any) -> str:
     """Return the integer label column (``label`` or ``labels``).
 
+    When both columns exist they must hold the same values: collators disagree on which one they
+    train on (``default_data_collator`` uses ``labels``, ``DataCollatorWithPadding`` ``label``).
+
     Raises:
-        ValueError: If there is none, or it is not integer / ``ClassLabel``.
+        ValueError: If there is none, it is not integer / ``ClassLabel``, or ``label`` and ``labels``
+            both exist and differ.
     """
     import datasets
 
     features = dataset.features
-    for name in LABEL_COLUMNS:
-        if name in features:
-            feature = features[name]
-            if isinstance(feature, datasets.ClassLabel):
-                return name
-            if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
-                return name
-            raise ValueError(
-                f"column '{name}' has type {feature}; EPIC needs integer class labels. Cast it with "
-                f"dataset.cast_column('{name}', datasets.ClassLabel(names=[...])) or map it to ints."
-            )
-    raise ValueError(
-        f"the dataset has no 'label' or 'labels' column (columns: {dataset.column_names}); rename your "
-        "class column with dataset.rename_column('<name>', 'label')."
-    )
+    present = [name for name in LABEL_COLUMNS if name in features]
+    for name in present:
+        feature = features[name]
+        if isinstance(feature, datasets.ClassLabel):
+            continue
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            continue
+        raise ValueError(
+            f"column '{name}' has type {feature}; EPIC needs integer class labels. Cast it with "
+            f"dataset.cast_column('{name}', datasets.ClassLabel(names=[...])) or map it to ints."
+        )
+    if not present:
+        raise ValueError(
+            f"the dataset has no 'label' or 'labels' column (columns: {dataset.column_names}); rename your "
+            "class column with dataset.rename_column('<name>', 'label')."
+        )
+    if len(present) == 2 and not torch.equal(read_labels(dataset, "label"), read_labels(dataset, "labels")):
+        raise ValueError(
+            "the dataset has both a 'label' and a 'labels' column and they differ; which one the model trains "
+            "on depends on the data collator, so EPIC cannot know which labels to select on. Keep one of them, "
+            "e.g. dataset.remove_columns('label')."
+        )
+    return present[0]
 
 
 def read_labels(dataset: Any, column: str) -> torch.Tensor:
@@ -84,13 +96,37 @@ def read_labels(dataset: Any, column: str) -> torch.Tensor:
 
 
 def read_bool_column(dataset: Any, column: str) -> torch.Tensor | None:
-    """Return a boolean column as a tensor, or None if it is absent or not boolean."""
+    """Return a boolean marker column (e.g. ``is_poison``) as a bool tensor, or None if it is absent.
+
+    A ``bool`` column is read as it is; an integer column holding only 0 and 1 is read as booleans.
+
+    Raises:
+        ValueError: If the column exists but is neither (strings, floats, other integers), so that a
+            marker column is never silently ignored.
+    """
     import datasets
 
-    feature = dataset.features.get(column)
-    if not isinstance(feature, datasets.Value) or feature.dtype != "bool":
+    if column not in dataset.column_names:
         return None
-    return torch.as_tensor(dataset.with_format(None)[column], dtype=torch.bool)
+    feature = dataset.features.get(column)
+    how = f"cast it with dataset.cast_column('{column}', datasets.Value('bool')), or rename it if it is not a marker"
+    if isinstance(feature, datasets.Value) and feature.dtype == "bool":
+        return torch.as_tensor(dataset.with_format(None)[column], dtype=torch.bool)
+    integer = isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+    )
+    if integer:
+        values = torch.as_tensor(dataset.with_format(None)[column], dtype=torch.long)
+        if bool(((values == 0) | (values == 1)).all()):
+            return values.bool()
+        raise ValueError(
+            f"column '{column}' holds integers other than 0 and 1 (e.g. {int(values[(values != 0) & (values != 1)][0])}); "
+            f"EPIC reads it as a True/False marker of poisoned rows: {how}."
+        )
+    raise ValueError(
+        f"column '{column}' has type {feature}; EPIC reads it as a True/False marker of poisoned rows and needs "
+        f"bool values: {how}."
+    )
 
 
 def check_labels_in_range(labels: torch.Tensor, num_labels: int) -> None:
@@ -128,29 +164,39 @@ def check_enough_rows(labels: torch.Tensor, num_processes: int = 1) -> None:
         )
 
 
-def check_model_logits(model: nn.Module, dataset: Any, num_labels: int) -> None:
-    """Run the model on two rows and check it returns ``logits`` of shape (batch, num_labels).
+def check_model_logits(model: nn.Module, dataset: Any, num_labels: int | None, collate_fn: Any = None) -> int:
+    """Run the model on two rows, collated as in training, and check it returns 2-D ``logits``.
+
+    Args:
+        model: The classifier.
+        dataset: Rows as the model is fed (with their transform).
+        num_labels: The class count the model declares (``config.num_labels``), or None to read it
+            from the logits.
+        collate_fn: The trainer's data collator (None: stack the model-input columns).
+
+    Returns:
+        The number of logits per row (the class count).
 
     Raises:
-        ValueError: If the forward fails to produce such logits.
+        ValueError: If the forward fails to produce such logits, or their width is not ``num_labels``.
     """
-    from .embeddings import _collate, extract_logits, model_input_names
+    from .embeddings import collate_rows, extract_logits
 
-    device = next(model.parameters()).device
     items = dataset.__getitems__(list(range(min(2, len(dataset)))))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            output = model(**_collate(items, model_input_names(model), device))
+            output = model(**collate_rows(items, model, collate_fn))
     finally:
         model.train(was_training)
     logits = extract_logits(output)
-    if logits.shape[-1] != num_labels:
+    if num_labels is not None and logits.shape[-1] != num_labels:
         raise ValueError(
             f"the model returns {logits.shape[-1]} logits per row but config.num_labels is {num_labels}; "
             "make them agree (build the model with the right num_labels)."
         )
+    return int(logits.shape[-1])
 
 
 def check_embedding_dataset(embedding_dataset: Any, train_dataset: Any, label_column: str) -> None:

@@ -60,13 +60,21 @@ def with_pixels(ds, augment: bool = False):
 
 
 class RecordingCollator:
-    """A data collator that records the ``row_id`` of every row of every training batch."""
+    """A data collator that records the ``row_id`` of every row of every training batch.
+
+    EPIC's input check and embedding pass collate with the trainer's collator too; they run under
+    ``torch.no_grad`` and are counted in ``no_grad_calls``, not recorded as training batches.
+    """
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.no_grad_calls = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        self.batches.append([int(f["row_id"]) for f in features])
+        if torch.is_grad_enabled():
+            self.batches.append([int(f["row_id"]) for f in features])
+        else:
+            self.no_grad_calls += 1
         keep = [{k: v for k, v in f.items() if k in ("pixel_values", "label")} for f in features]
         return default_data_collator(keep)
 

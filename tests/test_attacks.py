@@ -433,6 +433,39 @@ def test_backdoor_classes_are_drawn_from_the_seed(data):
         craft_sleeper_agent(train, poison_class=4, source_class=4)
 
 
+@pytest.mark.parametrize(
+    "name", ["gradient_matching", "bullseye_polytope", "feature_collision", "sleeper_agent", "badnets"]
+)
+def test_every_attack_respects_the_requested_epsilon_and_budget(data, surrogate, name):
+    """Bounds are checked against what the caller asked for (not the spec's own record), at a
+    non-default epsilon and budget: an attack that recorded and used a larger epsilon would fail."""
+    train, test = data
+    epsilon, budget = 5 / 255, 0.03
+    common = {"budget": budget, "seed": 4}
+    perturb = {"epsilon": epsilon, "model": surrogate, "steps": 4, "progress": False}
+    if name == "gradient_matching":
+        poisoned, spec = craft_gradient_matching(train, target_ds=test, restarts=1, **perturb, **common)
+    elif name == "bullseye_polytope":
+        poisoned, spec = craft_bullseye_polytope(train, target_ds=test, **perturb, **common)
+    elif name == "feature_collision":
+        poisoned, spec = craft_feature_collision(train, target_ds=test, **perturb, **common)
+    elif name == "sleeper_agent":
+        poisoned, spec = craft_sleeper_agent(train, retrain_rounds=0, **perturb, **common)
+    else:
+        poisoned, spec = craft_badnets(train, patch_size=3, **common)
+    flags = torch.as_tensor(poisoned["is_poison"])
+    assert int(flags.sum()) == max(1, round(budget * train.num_rows)) == len(spec.poison_indices)
+    assert spec.budget == budget
+    before, after = images_to_uint8(train, "image"), images_to_uint8(poisoned, "image")
+    change = (after.int() - before.int()).abs().amax(dim=(1, 2, 3))
+    assert (change[~flags] == 0).all() and (change[flags] > 0).any()
+    if name == "badnets":
+        assert spec.epsilon is None  # a visible patch: no epsilon bound
+    else:
+        assert spec.epsilon == pytest.approx(epsilon)
+        assert int(change.max()) <= 5  # 5/255 of the caller's request, in 8-bit steps
+
+
 def test_every_registered_attack_s_settings_are_its_keyword_arguments_with_its_defaults():
     """The settings dataclass and the craft_* function stay one interface: same names, same defaults."""
     import dataclasses

@@ -96,3 +96,40 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
         for k in range(start, end):
             if epoch == 0:
                 assert sorted(rank0["batches"][k] + rank1["batches"][k]) == sorted(single["batches"][k])
+
+
+TEXT_SCRIPT = Path(__file__).parent / "scripts" / "epic_text_run.py"
+
+
+@pytest.mark.multiprocess
+def test_text_classifier_with_dynamic_padding_on_two_processes(tmp_path):
+    """A tiny BERT on variable-length sentences, padded per batch by DataCollatorWithPadding, three rounds."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    _launch(
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(TEXT_SCRIPT),
+            "--output_dir",
+            str(tmp_path / "text"),
+        ],
+        tmp_path,
+    )
+    rank0, rank1 = (json.loads((tmp_path / "text" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (rank0["world_size"], rank1["world_size"]) == (2, 2)
+    assert rank0["round_epochs"] == [2, 3, 4]
+    assert rank0["rounds"] == rank1["rounds"] and rank0["dropped"] == rank1["dropped"]
+    assert rank0["epoch_start_steps"] == rank1["epoch_start_steps"]
+    assert rank0["epoch"] == rank1["epoch"] == 5.0
+    assert rank0["global_step"] == rank0["max_steps"]
+    assert 0 < len(rank0["dropped"]) < 0.3 * 120
+    assert rank0["poisons_dropped_total"] >= 3  # of the 6 rows planted with the other class's label

@@ -214,6 +214,27 @@ def test_backdoor_recipe_on_two_cpu_processes(tmp_path: Path) -> None:
     assert json.loads((out / "recipe_results.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_backdoor_recipe_epic_drops_most_poisons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the recipe is for, at its defaults (1.5-3 min on 2 CPU cores): undefended the trigger works,
+    and EPIC removes most poisons, far above their share of the training set.
+
+    Whether the attack success then falls is not asserted: with the 10-25 % of poisons that stay, it
+    went from 100 % to 9 % in one run and stayed at 100 % in another (71 and 56 of 72 poisons dropped).
+    Tiny runs (a few hundred rows, a few epochs) show neither: the backdoor often does not take hold."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: extra threads only contend (~20x slower here)
+    out = tmp_path / "backdoor_effect"
+    run_recipe("backdoor", out, "--compare_undefended")
+    defended, undefended = json.loads((out / "recipe_results.json").read_text())["rows"]
+    assert undefended["run"] == "no defense" and undefended["rows_dropped"] == 0
+    assert undefended["attack_success_rate"] > 0.9
+    assert defended["poisons_dropped"] >= 0.7 * defended["num_poisons"]
+    poison_share = defended["num_poisons"] / defended["num_rows"]
+    assert defended["poisons_dropped"] / defended["rows_dropped"] > 1.5 * poison_share
+    assert defended["attack_success_rate"] <= undefended["attack_success_rate"]
+
+
 def test_parsing_seeds_every_generator_from_the_seed_flag() -> None:
     """A recipe builds models and transforms before its Trainer: the parse seeds them, so --seed decides."""
     import torch

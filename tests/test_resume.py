@@ -71,3 +71,49 @@ def test_resume_from_epoch_end_checkpoint_and_true(tmp_path):
     assert again.state.global_step == first.state.global_step
     for key, value in first.model.state_dict().items():
         torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("damage", ["trainer_state_missing", "epic_state_truncated"])
+def test_resume_true_skips_a_checkpoint_cut_short_during_its_save(tmp_path, caplog, damage):
+    import shutil
+
+    train = with_pixels(small_digits(96))
+    args = make_config(tmp_path, num_train_epochs=2, per_device_train_batch_size=16, save_strategy="epoch")
+    full = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train)
+    full.train()
+    first, last = (tmp_path / f"checkpoint-{step}" for step in full.epic_state.epoch_end_steps)
+    # A process killed while saving the last checkpoint: the folder exists, a file is missing or cut off.
+    if damage == "trainer_state_missing":
+        (last / "trainer_state.json").unlink()
+    else:
+        text = (last / "epic_state.json").read_text()
+        (last / "epic_state.json").write_text(text[: len(text) // 2])
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+    resumed = EpicTrainer(model=tiny_vit(1), args=args, train_dataset=train)
+    with caplog.at_level("WARNING", logger="hf_epic.epic_trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert f"Skipping {last}" in caplog.text
+    # It resumed from the complete checkpoint of epoch 1 and trained epoch 2 again, as the full run did.
+    assert resumed.epic_state.epoch_start_steps == full.epic_state.epoch_start_steps
+    assert resumed.epic_state.dropped == full.epic_state.dropped
+    assert resumed.state.global_step == full.state.global_step
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert first.is_dir()
+
+
+def test_resume_with_other_epic_settings_is_refused_before_training(tmp_path):
+    train = with_pixels(small_digits(96))
+    args = make_config(tmp_path, num_train_epochs=2, per_device_train_batch_size=16, save_strategy="epoch")
+    EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train).train()
+    other = make_config(
+        tmp_path, num_train_epochs=3, per_device_train_batch_size=16, save_strategy="epoch", epic_fraction=0.3
+    )
+    trainer = EpicTrainer(model=tiny_vit(0), args=other, train_dataset=train)
+    with pytest.raises(ValueError, match=r"epic_fraction=0\.2 \(this run: 0\.3\)"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+    # Resuming on another training set is refused as well, naming the row counts.
+    smaller = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train.select(range(90)))
+    with pytest.raises(ValueError, match="covers 96 rows but the training set has 90"):
+        smaller.train(resume_from_checkpoint=True)

@@ -304,3 +304,261 @@ def test_batch_norm_model_never_gets_a_one_row_batch(tmp_path):
     args = make_config(tmp_path / "vit", num_train_epochs=1, epic_enabled=False)
     EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(raw), data_collator=collator).train()
     assert sorted(row for batch in collator.batches for row in batch) == list(range(97))
+
+
+# ------------------------------------------------------------------ any classifier returning logits
+
+
+class PlainClassifier(torch.nn.Module):
+    """A plain ``nn.Module`` (no ``config``) returning ``{"loss", "logits"}``, as Trainer accepts."""
+
+    def __init__(self, body: torch.nn.Module | None = None, num_labels: int = 10) -> None:
+        super().__init__()
+        self.body = (
+            body
+            if body is not None
+            else torch.nn.Sequential(
+                torch.nn.Flatten(),
+                torch.nn.Linear(16 * 16, 32),
+                torch.nn.ReLU(),
+                torch.nn.Linear(32, num_labels),
+            )
+        )
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.body(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _raw_timm_classifier() -> PlainClassifier:
+    import timm
+
+    body = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=10,
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+    )
+    return PlainClassifier(body)
+
+
+@pytest.mark.parametrize("kind", ["plain-module", "raw-timm", "hf-vit", "timm-wrapper"])
+def test_any_classifier_returning_logits_trains_under_epic(tmp_path, kind):
+    from conftest import tiny_timm_vit
+
+    torch.manual_seed(0)
+    builders = {
+        "plain-module": PlainClassifier,
+        "raw-timm": _raw_timm_classifier,
+        "hf-vit": lambda: tiny_vit(0),
+        "timm-wrapper": lambda: tiny_timm_vit(0),
+    }
+    model = builders[kind]()
+    raw, planted = planted_digits(120)
+    args = make_config(tmp_path, num_train_epochs=3, epic_fraction=0.3, epic_embedding="last_layer_grad")
+    collator = RecordingCollator()  # passes only pixel_values and labels to the model, as a user's would
+    trainer = EpicTrainer(model=model, args=args, train_dataset=with_pixels(raw), data_collator=collator)
+    trainer.train()
+    state = trainer.epic_state
+    assert trainer.epic_callback.num_labels == 10
+    last_epoch = [row for batch in collator.batches[state.epoch_start_steps[2] :] for row in batch]
+    assert sorted(last_epoch) == state.kept
+    assert [r["epoch"] for r in state.rounds] == [1, 2] and state.num_dropped > 0
+    assert trainer.state.epoch == 3.0 and trainer.state.global_step == trainer.state.max_steps
+
+
+def test_plain_module_labels_are_checked_against_its_logits(tmp_path):
+    raw = small_digits(40)
+    train = with_pixels(raw)
+    trainer = EpicTrainer(
+        model=PlainClassifier(num_labels=5),
+        args=make_config(tmp_path),
+        train_dataset=train,
+        data_collator=RecordingCollator(),
+    )
+    with pytest.raises(ValueError, match="the model has 5 classes"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+# ------------------------------------------------------------------ EPIC off is a plain Trainer
+
+
+@pytest.mark.parametrize(("epochs", "accumulation"), [(2, 1), (2.5, 1), (2, 3), (2.5, 3)])
+def test_epic_disabled_trains_exactly_like_trainer(tmp_path, epochs, accumulation):
+    raw = small_digits(72)
+    common = {
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": accumulation,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "linear",
+        "remove_unused_columns": False,
+        "report_to": [],
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+    }
+    runs = []
+    for name in ("trainer", "epic"):
+        collator = RecordingCollator()
+        if name == "trainer":
+            args = TrainingArguments(output_dir=str(tmp_path / name), **common)
+            trainer = Trainer(
+                model=tiny_vit(0), args=args, train_dataset=with_pixels(raw), data_collator=collator
+            )
+        else:
+            args = make_config(tmp_path / name, epic_enabled=False, **common)
+            trainer = EpicTrainer(
+                model=tiny_vit(0), args=args, train_dataset=with_pixels(raw), data_collator=collator
+            )
+        trainer.train()
+        runs.append((trainer, collator))
+    (plain, plain_batches), (epic, epic_batches) = runs
+    updates_per_epoch = math.ceil(math.ceil(72 / 16) / accumulation)
+    assert plain.state.global_step == math.ceil(epochs * updates_per_epoch)
+    assert epic.state.global_step == plain.state.global_step
+    assert epic.state.max_steps == plain.state.max_steps
+    assert epic.state.epoch == plain.state.epoch
+    assert epic_batches.batches == plain_batches.batches
+    assert epic.lr_scheduler.get_last_lr() == plain.lr_scheduler.get_last_lr()
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(epic.model.state_dict()[key], value), key
+
+
+def test_fractional_epochs_under_epic_end_after_the_share_of_the_last_epoch(tmp_path):
+    raw = small_digits(100)
+    collator = RecordingCollator()
+    args = make_config(
+        tmp_path, num_train_epochs=2.5, per_device_train_batch_size=16, epic_fraction=0.3, epic_start_epoch=1
+    )
+    trainer = EpicTrainer(
+        model=tiny_vit(0), args=args, train_dataset=with_pixels(raw), data_collator=collator
+    )
+    trainer.train()
+    state = trainer.epic_state
+    assert len(state.epoch_start_steps) == 3 and len(state.rounds) == 2
+    kept = 100 - state.num_dropped
+    last_epoch_steps = trainer.state.global_step - state.epoch_start_steps[2]
+    assert last_epoch_steps == math.ceil(0.5 * math.ceil(kept / 16))
+    assert trainer.state.global_step == trainer.state.max_steps
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    assert 2.0 < trainer.state.epoch < 3.0
+
+
+# ------------------------------------------------------------------ the per-class drop cap
+
+
+def test_epic_never_removes_a_whole_class(tmp_path, caplog):
+    """A huge cluster threshold makes every row isolated: EPIC keeps the lowest-loss row of each class."""
+    raw = small_digits(60)
+    args = make_config(tmp_path, num_train_epochs=2, epic_cluster_threshold=10_000)
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(raw))
+    with caplog.at_level("WARNING", logger="hf_epic.epic_callback"):
+        trainer.train()
+    state = trainer.epic_state
+    labels = torch.tensor(raw["label"])
+    kept_labels = labels[state.kept].tolist()
+    assert sorted(kept_labels) == sorted(set(labels.tolist()))  # exactly one row of each class
+    record = state.rounds[0]
+    assert sum(record["capped_per_class"].values()) == len(set(labels.tolist()))
+    assert all(share < 1.0 for share in record["dropped_share_per_class"].values())
+    assert "every class keeps at least one row) kept rows EPIC selected" in caplog.text
+    assert trainer.state.global_step == trainer.state.max_steps
+
+
+def test_max_drop_fraction_caps_each_class_and_is_reported(tmp_path, caplog):
+    raw = small_digits(80)
+    args = make_config(
+        tmp_path, num_train_epochs=3, epic_cluster_threshold=10_000, epic_max_drop_fraction=0.25
+    )
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(raw))
+    with caplog.at_level("INFO", logger="hf_epic.epic_callback"):
+        trainer.train()
+    state = trainer.epic_state
+    labels = torch.tensor(raw["label"])
+    counts = torch.bincount(labels)
+    gone = torch.bincount(labels[state.dropped], minlength=len(counts))
+    assert torch.equal(gone, torch.floor(0.25 * counts).long())  # every class at its cap, never beyond
+    assert state.rounds[1]["newly_dropped"] == []  # the second round finds every class at its cap
+    assert state.config["epic_max_drop_fraction"] == 0.25
+    assert EpicState.load(tmp_path / "epic_state.json").config["epic_max_drop_fraction"] == 0.25
+    shares = state.rounds[0]["dropped_share_per_class"]
+    assert shares["0"] == pytest.approx(float(gone[0] / counts[0]), abs=1e-4)
+    logs = [h for h in trainer.state.log_history if "epic/max_class_dropped_share" in h]
+    assert logs[0]["epic/max_class_dropped_share"] == pytest.approx(max(shares.values()))
+    assert "more than half of epic_max_drop_fraction=0.25" in caplog.text
+    assert "share of each class dropped: 0:" in caplog.text
+    trainer.create_model_card(model_name="tiny-epic")
+    card = (tmp_path / "README.md").read_text()
+    assert "At most 25 % of any class could be removed" in card
+
+
+# ------------------------------------------------------------------ epic/* figures reach report_to
+
+
+def test_epic_figures_reach_a_report_to_integration(tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
+
+    log_file = tmp_path / "tracker.jsonl"
+
+    class FileTracker(TrainerCallback):
+        """A minimal tracking integration: appends every logged dict to a JSON-lines file."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                with open(log_file, "a") as handle:
+                    handle.write(json.dumps({"step": state.global_step, **(logs or {})}) + "\n")
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "file-tracker", FileTracker)
+    args = make_config(tmp_path, num_train_epochs=3, report_to=["file-tracker"])
+    trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(small_digits(60)))
+    trainer.train()
+    tracked = [json.loads(line) for line in log_file.read_text().splitlines()]
+    epic = [t for t in tracked if "epic/round" in t]
+    assert [t["epic/round"] for t in epic] == [1, 2]
+    assert [t["epic/dropped_total"] for t in epic] == [
+        r["num_dropped_total"] for r in trainer.epic_state.rounds
+    ]
+    assert {"epic/kept", "epic/poisons_dropped", "epic/max_class_dropped_share"} <= set(epic[0])
+
+
+# ------------------------------------------------------------------ baselines inside a real Trainer
+
+
+@pytest.mark.parametrize("name", ["random", "high-loss", "low-confidence"])
+def test_baseline_defense_runs_inside_a_real_trainer(tmp_path, name):
+    from hf_epic.baselines import baseline_callback
+
+    raw = small_digits(80)
+    schedule = [{0: 2, 3: 1}, {5: 2}]
+    args = make_config(tmp_path, num_train_epochs=3)
+    callback = baseline_callback(name, args, schedule=schedule, seed=1)
+    collator = RecordingCollator()
+    trainer = EpicTrainer(
+        model=tiny_vit(0),
+        args=args,
+        train_dataset=with_pixels(raw),
+        data_collator=collator,
+        epic_callback=callback,
+    )
+    trainer.train()
+    state = trainer.epic_state
+    got = [{int(c): n for c, n in r["newly_dropped_per_class"].items()} for r in state.rounds]
+    assert got == schedule
+    labels = raw["label"]
+    assert sorted(labels[i] for i in state.dropped) == [0, 0, 3, 5, 5]
+    last_epoch = [row for batch in collator.batches[state.epoch_start_steps[2] :] for row in batch]
+    assert sorted(last_epoch) == state.kept
