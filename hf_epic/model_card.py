@@ -34,6 +34,9 @@ EPIC_TAGS = ("hf-epic", "epic", "data-poisoning-defense")
 BLOCK_START = "<!-- hf-epic:start -->"
 BLOCK_END = "<!-- hf-epic:end -->"
 POISON_SPEC_FILE = "poison_spec.json"
+RUN_SUMMARY_FILE = "recipe_results.json"
+"""A run summary the recipes write beside the model: ``rows`` (the closing table: one dict per run, the
+defended one first) and ``base_model`` (what the model was fine-tuned from, in words)."""
 _BLOCK = re.compile(re.escape(BLOCK_START) + r".*?" + re.escape(BLOCK_END) + r"\n?", re.DOTALL)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -365,6 +368,7 @@ def render_model_card(
     tags: Sequence[str] = (),
     eval_split: str = "test",
     description: str | None = None,
+    comparison_rows: Sequence[Mapping[str, str]] = (),
 ) -> ModelCard:
     """Render a complete model card for a model trained with EPIC.
 
@@ -386,6 +390,9 @@ def render_model_card(
         tags: Extra tags beside ``hf-epic``, ``epic``, ``data-poisoning-defense``.
         eval_split: Split the evaluation results were measured on.
         description: One paragraph introducing the model (a default is written).
+        comparison_rows: Runs to show side by side (e.g. with and without EPIC on the same
+            poisoned set): dicts with ``run``, ``clean_accuracy``, ``attack_success_rate``,
+            ``rows_dropped`` and ``poisons_dropped``, already formatted.
 
     Returns:
         The ``huggingface_hub.ModelCard``; ``card.save(path)`` writes it.
@@ -420,7 +427,12 @@ def render_model_card(
             "poisoning switched on."
         )
     card = ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE_PATH), title=name, intro=description, **context
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        title=name,
+        intro=description,
+        comparison_rows=list(comparison_rows),
+        **context,
     )
     card.text = re.sub(r"\n{3,}", "\n\n", card.text)
     return card
@@ -471,6 +483,43 @@ def _latest_eval_metrics(trainer: Any, output_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def _run_summary(output_dir: Path) -> dict[str, Any]:
+    """``<output_dir>/recipe_results.json`` as a dict (empty when absent or unreadable as JSON)."""
+    path = output_dir / RUN_SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it or write it again.") from None
+    return summary if isinstance(summary, dict) else {}
+
+
+def _comparison_rows(rows: Any) -> list[dict[str, str]]:
+    """The closing table's runs, formatted for the card (empty unless there are at least two runs)."""
+    if not isinstance(rows, list) or len(rows) < 2:
+        return []
+
+    def number(value: Any) -> str:
+        return "-" if value is None else f"{float(value):.3f}"
+
+    out = []
+    for row in rows:
+        poisons = "-"
+        if row.get("num_poisons") is not None:
+            poisons = f"{row.get('poisons_dropped') or 0} of {row['num_poisons']}"
+        out.append(
+            {
+                "run": str(row.get("run")),
+                "clean_accuracy": number(row.get("clean_accuracy")),
+                "attack_success_rate": number(row.get("attack_success_rate")),
+                "rows_dropped": f"{row.get('rows_dropped', 0)} of {row.get('num_rows', '?')}",
+                "poisons_dropped": poisons,
+            }
+        )
+    return out
+
+
 def update_model_card(
     trainer: Any,
     path: str | Path,
@@ -494,6 +543,10 @@ def update_model_card(
         attack: ``PoisonSpec`` or dict; default: ``<output_dir>/poison_spec.json`` if present.
         make_plots: Draw the PNGs into ``<output_dir>/epic_plots`` and link them (needs
             matplotlib; skipped silently when it is not installed).
+
+    A run summary in ``<output_dir>/recipe_results.json`` (written by the recipes) adds the
+    table of every run (defended and undefended) and names the base model in the card's
+    first sentence when the Trainer's stock text says the model was trained from scratch.
 
     Returns:
         The updated ``ModelCard``, or None on a non-main process.
@@ -551,7 +604,8 @@ def update_model_card(
         dataset = (
             named.group(1) if named and named.group(1) != "None" else getattr(info, "dataset_name", None)
         )
-    base_model = data.get("base_model") or getattr(config, "_name_or_path", None) or None
+    summary = _run_summary(output_dir)
+    base_model = data.get("base_model") or summary.get("base_model") or getattr(config, "_name_or_path", None)
 
     rendered = render_model_card(
         state,
@@ -562,6 +616,7 @@ def update_model_card(
         attack=attack,
         model_name=model_name,
         class_names=class_names,
+        comparison_rows=_comparison_rows(summary.get("rows")),
     )
     new = rendered.data
     data.tags = _merge_tags(data.get("tags"), new.tags)
@@ -589,6 +644,11 @@ def update_model_card(
         text,
         flags=re.MULTILINE,
     )
+    if summary.get("base_model") and not data.get("base_model"):  # offline: a backbone of the run's own
+        text = text.replace(
+            "This model was trained from scratch on",
+            f"This model is a fine-tuned version of {summary['base_model']} on",
+        )
     existing.text = insert_epic_section(text, block)
     existing.save(card_path)
     return existing

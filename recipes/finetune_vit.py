@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     trainer = ex.train(ex.make_trainer(fresh_vit(), training_args, args, poisoned, test))
     rows = ex.evaluate_runs(trainer, args, poisoned, test, spec, undefended_model=fresh_vit)
-    ex.finish(trainer, args, spec, rows, timer)
+    ex.finish(trainer, args, spec, rows, timer, ex.backbone_description(args, key))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     # No augmentation: a linear probe on fixed features, as in the transfer-learning benchmarks.
     trainer = ex.train(ex.make_trainer(linear_probe(), training_args, args, poisoned, test, augment=False))
     rows = ex.evaluate_runs(trainer, args, poisoned, test, spec, linear_probe, augment=False)
-    ex.finish(trainer, args, spec, rows, timer)
+    ex.finish(trainer, args, spec, rows, timer, ex.backbone_description(args, key))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,13 @@ def test_finetune_recipe_on_fashion_mnist_caches_backbone_and_poisons(tmp_path: 
     rows = json.loads((out / "recipe_results.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["EPIC-0.2", "no defense"] and rows[1]["rows_dropped"] == 0
     assert re.search(r"\| no defense \| [0-9.]+ \| [0-9.]+ \| 0 of 100", first)
+    # the card names the base model and the real data set, and shows both runs
+    card = ModelCard.load(out / "README.md").text
+    assert "trained from scratch" not in card
+    assert "fine-tuned version of a tiny `vit-p7` backbone trained for 1 epoch on 200 clean" in card
+    assert "zalando-datasets/fashion_mnist" in card and "bullseye_polytope" in card
+    assert re.search(r"\| EPIC-0.2 \| [0-9.]+ \| [0-9.]+ \| \d+ of 100 \| \d+ of 5 \|", card)
+    assert re.search(r"\| no defense \| [0-9.]+ \| [0-9.]+ \| 0 of 100 \| 0 of 5 \|", card)
     second = run_recipe("finetune_vit", out, *args, "--compare_undefended", "false")
     assert "reused from the cache" in second and "[cached]" in second
     assert [r["run"] for r in json.loads((out / "recipe_results.json").read_text())["rows"]] == ["EPIC-0.2"]

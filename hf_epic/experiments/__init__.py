@@ -48,6 +48,7 @@ _LAZY: dict[str, str] = {
     "pretrained_copy": "models",
     "reset_head": "models",
     "backbone_and_task_split": "backbone",
+    "backbone_description": "backbone",
     "trial_backbone": "backbone",
     "ATTACK_PRESETS": "poisons",
     "DIGITS_ATTACK_KWARGS": "poisons",

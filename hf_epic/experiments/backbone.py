@@ -25,7 +25,13 @@ from .runtime import banner, is_main_process
 BACKBONE_DIR = "_backbone"  # under output_dir; names starting with "_" are not pushed to the Hub
 BACKBONE_INFO = "recipe_backbone.json"
 
-__all__ = ["BACKBONE_DIR", "backbone_and_task_split", "pretrain_backbone", "trial_backbone"]
+__all__ = [
+    "BACKBONE_DIR",
+    "backbone_and_task_split",
+    "backbone_description",
+    "pretrain_backbone",
+    "trial_backbone",
+]
 
 
 def pretrain_backbone(
@@ -117,6 +123,25 @@ def backbone_and_task_split(
     if is_main_process():
         print(f"backbone: tiny {kind} on {len(source)} clean source rows ({note}), saved in {folder}")
     return backbone, folder, task, {"backbone": json.loads((Path(folder) / BACKBONE_INFO).read_text())}
+
+
+def backbone_description(args: Any, key: dict[str, Any]) -> str | None:
+    """What a recipe's model was fine-tuned from, in words, for its card (None for a Hub model, which the
+    card names itself).
+
+    Args:
+        args: Script arguments (``model_name_or_path``, ``dataset_name``).
+        key: The ``key`` :func:`backbone_and_task_split` returned.
+    """
+    info = key.get("backbone")
+    if args.model_name_or_path or not info:
+        return None
+    from .data import dataset_label
+
+    return (
+        f"a tiny `{info['kind']}` backbone trained for {info['epochs']} epoch{'s' if info['epochs'] != 1 else ''} on {info['rows']:,} clean "
+        f"{dataset_label(args)} rows held out from the fine-tuning rows (saved in `{BACKBONE_DIR}`)"
+    )
 
 
 def trial_backbone(train: Any, config: Any, seed: int, cache_dir: str | os.PathLike, trial: int) -> Any:

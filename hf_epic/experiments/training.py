@@ -13,13 +13,12 @@ from typing import Any
 
 from ..epic_config import EpicConfig
 from ..epic_trainer import EpicTrainer
+from ..model_card import RUN_SUMMARY_FILE as RESULTS_FILE
 from .defenses import get_defense
 from .models import model_transform
 from .poisons import POISON_SPEC_FILE
 from .runtime import Timer, banner, is_main_process, shutdown_distributed
 from .scoring import accuracy_metrics, score_attack
-
-RESULTS_FILE = "recipe_results.json"
 
 COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 3e-3,
@@ -199,6 +198,7 @@ def save_and_push(
     spec: Any,
     rows: list[dict[str, Any]],
     dataset_label: str,
+    base_model: str | None = None,
 ) -> None:
     """Save the model, the attack's spec and the results; write the card; push when asked.
 
@@ -212,6 +212,8 @@ def save_and_push(
         spec: The attack's ``PoisonSpec`` or None.
         rows: The summary table's rows.
         dataset_label: Data set name for the card.
+        base_model: What the model was fine-tuned from, in words, when it is not a Hub model (the
+            card's first sentence names it).
     """
     out = Path(training_args.output_dir)
     trainer.save_model()
@@ -221,6 +223,7 @@ def save_and_push(
         payload = {
             "script_args": asdict(args),
             "rows": rows,
+            "base_model": base_model,
             "argv": sys.argv[1:],
             "world_size": training_args.world_size,
         }
@@ -283,7 +286,14 @@ def evaluate_runs(
     return rows
 
 
-def finish(trainer: Any, args: Any, spec: Any, rows: list[dict[str, Any]], timer: Timer) -> None:
+def finish(
+    trainer: Any,
+    args: Any,
+    spec: Any,
+    rows: list[dict[str, Any]],
+    timer: Timer,
+    base_model: str | None = None,
+) -> None:
     """Save and push the defended run (:func:`save_and_push`), print the closing table, shut down cleanly.
 
     Args:
@@ -292,11 +302,13 @@ def finish(trainer: Any, args: Any, spec: Any, rows: list[dict[str, Any]], timer
         spec: The attack's ``PoisonSpec`` or None.
         rows: The closing table's rows.
         timer: Started when the recipe started.
+        base_model: What the model was fine-tuned from, in words (offline backbones; see
+            :func:`~hf_epic.experiments.backbone.backbone_description`).
     """
     from .data import dataset_label
 
     banner("save and push")
-    save_and_push(trainer, trainer.args, args, spec, rows, dataset_label(args))
+    save_and_push(trainer, trainer.args, args, spec, rows, dataset_label(args), base_model)
     if is_main_process():
         print_table(rows, timer())
     shutdown_distributed()
