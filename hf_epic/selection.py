@@ -7,13 +7,18 @@ This module is pure torch (no Hugging Face imports). It implements steps 2-4 of 
 The math
 --------
 For every class ``c`` with ``n_c`` examples, let ``V`` be the class's rows. The similarity
-between two rows is
+between two rows is a registered kernel (:mod:`hf_epic.kernels`; ``metric`` names it,
+:func:`available_kernels` lists the names), with ``s(i, i) = 1`` and ``s <= 1``:
 
 * ``metric="euclidean"`` (the EPIC reference kernel, submodlib's dense "euclidean"):
   ``s(i, j) = exp(-||g_i - g_j||_2 / D)`` with ``D`` the embedding dimension, so
-  ``s`` lies in ``(0, 1]`` and ``s(i, i) = 1``;
+  ``s`` lies in ``(0, 1]``;
 * ``metric="cosine"``: ``s(i, j) = <g_i, g_j> / (||g_i|| ||g_j||)`` (0 when a vector is
-  zero), with ``s(i, i) = 1``.
+  zero).
+
+A *distance-based* kernel, ``s(i, j) = f(||g_i - g_j||)`` with ``f`` decreasing (euclidean is
+one), also gives the pruning bounds of the triangle inequality used below: a row whose best
+similarity is ``cur`` gains only from candidates nearer than ``f^{-1}(cur)``.
 
 The facility-location function of a set of medoids ``S`` is
 
@@ -45,7 +50,8 @@ Optimisers
     euclidean kernel a row can only affect candidates with ``s(i, c) > o_i``, and by the
     triangle inequality those satisfy ``s(c, j*) > o_i * n_i``; only that block of the
     kernel is touched (rows are grouped by their threshold, each group against its own
-    candidate set). Gains are exact (see below), so the medoids are identical to
+    candidate set); any distance-based kernel has the same bound,
+    ``s(c, j*) > f(f^{-1}(o_i) + f^{-1}(n_i))``. Gains are exact (see below), so the medoids are identical to
     ``"naive"``'s, ties included.
 ``greedy="stochastic"``
     Stochastic greedy (Mirzasoleiman et al., AAAI 2015): each step draws, without
@@ -71,7 +77,7 @@ symmetric: upper-triangular tiles are computed and mirrored) only if it fits
 * exact greedy (and cosine, and a GPU): the rows and blocks the greedy needs are recomputed
   from the embeddings in tiles that fit the budget, ``O(n_c^2)`` kernel evaluations per pass
   (a class of 20,000 rows takes seconds on a CPU; one of 200,000 about a quarter of an hour);
-* stochastic greedy, euclidean metric, on the CPU, classes of at least 12,000 rows: the rows
+* stochastic greedy, a distance-based kernel, on the CPU, classes of at least 12,000 rows: the rows
   are grouped into small cells and every gain or update touches only the cells that can
   contribute (:mod:`hf_epic.cells`), with the dense path's results for the same seed; a class
   of 200,000 rows at fraction 0.1 takes about a minute on one CPU core.
@@ -103,12 +109,27 @@ import numpy as np
 import torch
 
 from hf_epic.cells import FreeSampler, greedy_stochastic_cells
+from hf_epic.kernels import (
+    KERNELS,
+    DistanceKernel,
+    SimilarityKernel,
+    available_kernels,
+    get_kernel,
+    register_kernel,
+)
 
-__all__ = ["SelectionResult", "find_isolated", "similarity_kernel"]
+__all__ = [
+    "KERNELS",
+    "SelectionResult",
+    "SimilarityKernel",
+    "available_kernels",
+    "find_isolated",
+    "register_kernel",
+    "similarity_kernel",
+]
 
 logger = logging.getLogger(__name__)
 
-_METRICS = ("euclidean", "cosine")
 _GREEDY = ("lazy", "naive", "stochastic")
 # Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
 # similarities is ~1e-7 relative; this is two orders of magnitude above it).
@@ -215,8 +236,7 @@ def _check_inputs(
             f"fraction must be in (0, 1] (the share of each class kept as medoids), got {fraction!r}; "
             "EPIC uses 0.1, 0.2 or 0.3."
         )
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    get_kernel(metric)  # raises on an unknown name
     if greedy not in _GREEDY:
         raise ValueError(f"unknown greedy {greedy!r}; choose one of {', '.join(_GREEDY)}.")
     if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, (int, np.integer)):
@@ -284,7 +304,7 @@ class _Kernel:
 
     Args:
         x: The class's embeddings (rows x D), any float dtype, on the compute device.
-        metric: ``"euclidean"`` or ``"cosine"``.
+        metric: A registered kernel's name (:func:`hf_epic.kernels.available_kernels`) or a kernel.
         budget_bytes: Memory the kernel may use.
         workspace: A one-element list holding a float32 buffer to build the dense kernel in
             (grown and replaced when too small), so that consecutive classes reuse memory
@@ -292,27 +312,22 @@ class _Kernel:
     """
 
     def __init__(
-        self, x: torch.Tensor, metric: str, budget_bytes: int, workspace: list[torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        metric: str | SimilarityKernel,
+        budget_bytes: int,
+        workspace: list[torch.Tensor] | None = None,
     ) -> None:
-        self.metric = metric
+        self.sim = get_kernel(metric)
+        self.metric = self.sim.name
         self.n = int(x.shape[0])
         self.device = x.device
+        self.dim = int(x.shape[1])
         self.inv_dim = 1.0 / x.shape[1]
         # float64 distances where cheap (small D); float32 matmul for wide embeddings
         self.work_dtype = torch.float64 if x.shape[1] <= 64 else torch.float32
-        x = x.to(torch.float64)
-        if metric == "euclidean":
-            x = x - x.mean(dim=0, keepdim=True)
-            sq = (x * x).sum(dim=1)
-            self.sq = sq.to(self.work_dtype)
-            # every distance is at most twice the largest norm; if all similarities are then
-            # >= 0.5, float32 already holds them as multiples of 2**-24
-            self.needs_rounding = math.exp(-2.0 * math.sqrt(float(sq.max())) * self.inv_dim * 1.001) < 0.5
-        else:
-            self.needs_rounding = True
-            norms = x.norm(dim=1, keepdim=True)
-            x = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
-            self.sq = None
+        x, sq, self.needs_rounding = self.sim.prepare(x.to(torch.float64))
+        self.sq = None if sq is None else sq.to(self.work_dtype)
         self.x = x.to(self.work_dtype)
         self.xt = self.x.T.contiguous()
         self.tile_rows, self.dense = _tile_plan(
@@ -356,25 +371,12 @@ class _Kernel:
         """Similarities s(rows, cols) computed from the embeddings (float32, quantised)."""
         xa = self.x[rows]
         xbt = self.xt if cols is None else self.xt[:, cols]
-        if self.metric == "euclidean":
-            sqb = self.sq if cols is None else self.sq[cols]
-            d2 = torch.add(self.sq[rows][:, None], sqb[None, :])
-            d2 = torch.addmm(d2, xa, xbt, beta=1.0, alpha=-2.0)
-            d2 = d2.clamp_min_(0.0)
-            if out is None:
-                out = d2.to(torch.float32)
-            else:
-                out.copy_(d2)
-            out.sqrt_().mul_(-self.inv_dim).exp_()
-            if self.needs_rounding:
-                out.mul_(_QUANTUM).round_().div_(_QUANTUM)
-            return out
-        sims = torch.mm(xa, xbt).clamp_(-1.0, 1.0)
-        if out is None:
-            out = sims.to(torch.float32)
-        else:
-            out.copy_(sims)
-        return out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+        sqa = None if self.sq is None else self.sq[rows]
+        sqb = self.sq if self.sq is None or cols is None else self.sq[cols]
+        out = self.sim.tile(xa, xbt, sqa, sqb, self.dim, out)
+        if self.needs_rounding:
+            out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+        return out
 
     def column(self, j: int) -> torch.Tensor:
         """s(., j) for all rows of the class (float32, length n, contiguous)."""
@@ -450,11 +452,11 @@ def similarity_kernel(embeddings: torch.Tensor | np.ndarray, metric: str = "eucl
 
     Args:
         embeddings: Rows x D embeddings of one class.
-        metric: ``"euclidean"`` (``exp(-||a - b|| / D)``) or ``"cosine"``.
+        metric: A registered kernel (:func:`available_kernels`), e.g. ``"euclidean"``
+            (``exp(-||a - b|| / D)``) or ``"cosine"``.
     """
     emb = _as_tensor(embeddings, "embeddings")
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    get_kernel(metric)  # raises on an unknown name
     n = int(emb.shape[0])
     return _Kernel(emb, metric, budget_bytes=8 * n * n + (1 << 24)).matrix
 
@@ -507,8 +509,9 @@ def _update_gains(
     m = int(rows.numel())
     span = new - old  # exact: multiples of 2**-24 in [0, 1]
     pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
-    if kernel.metric == "euclidean" and m * n > _SMALL_BLOCK:
-        thr = old * new * (1.0 - _PRUNE_MARGIN)
+    sim = kernel.sim
+    if isinstance(sim, DistanceKernel) and m * n > _SMALL_BLOCK:
+        thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
         groups = 4 if m * n > 8 * _SMALL_BLOCK and m >= 16 else 1
         if groups > 1:
             thr, by_thr = torch.sort(thr, descending=True)
@@ -563,7 +566,7 @@ def _greedy_incremental(
     matrix = kernel.matrix
     # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
-    gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
+    gains = kernel.column_sums(lower=None if kernel.sim.nonnegative else cur)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     sampler = FreeSampler(n, generator) if generator is not None else None
     order: list[int] = []
@@ -593,7 +596,7 @@ def _greedy_incremental(
             piece = matrix.index_select(0, upd)
             piece.sub_(old[:, None]).clamp_min_(0.0)
             gains -= torch.minimum(piece, (new - old)[:, None], out=piece).sum(dim=0)
-        elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+        elif m == n and len(order) == 1 and kernel.sim.nonnegative:
             # the first medoid changes every row (cur was 0 < s): sum_i min(s(i, c), new_i)
             # over contiguous tiles, without gathering rows
             gains -= kernel.column_sums(upper=new)
@@ -626,7 +629,7 @@ class _DenseSteps:
         self.budget = budget
         # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
         self.cur = torch.zeros(n, dtype=torch.float32)
-        self.gains = kernel.column_sums(lower=self.cur if kernel.metric == "cosine" else None)
+        self.gains = kernel.column_sums(lower=None if kernel.sim.nonnegative else self.cur)
         self.assign = torch.full((n,), -1, dtype=torch.int64)
         self.order: list[int] = []
 
@@ -659,7 +662,7 @@ class _DenseSteps:
                 np.maximum(piece, 0.0, out=piece)
                 np.minimum(piece, (new - old)[:, None], out=piece)
                 g -= piece.sum(axis=0)
-            elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+            elif m == n and len(order) == 1 and kernel.sim.nonnegative:
                 gains -= kernel.column_sums(upper=torch.from_numpy(new))
             else:
                 rows, old_t, new_t = torch.from_numpy(upd), torch.from_numpy(old), torch.from_numpy(new)
@@ -701,14 +704,13 @@ def _select_class(
     ``steps``: exact greedy already started on this kernel (:func:`_start_class`), resumed here.
     """
     n = kernel.n
-    metric = kernel.metric
     cpu = kernel.device.type == "cpu"
     budget = class_budget(fraction, n)
     # stochastic greedy on a large class without a dense kernel, on the CPU: prune with cells
     # (hf_epic.cells); below _CELLS_MIN_ROWS, and for exact greedy at any size, the tiled
     # incremental path is faster (measured: 0.9 vs 1.6 s at 8,000 rows; exact greedy 5.7 vs
     # 11.4 s at 20,000 rows)
-    cells = metric == "euclidean" and kernel.matrix is None and cpu and n >= _CELLS_MIN_ROWS
+    cells = kernel.sim.distance_based and kernel.matrix is None and cpu and n >= _CELLS_MIN_ROWS
     if greedy != "stochastic" and kernel.matrix is None and cpu and n >= _SLOW_EXACT_ROWS:
         logger.warning(
             "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
@@ -853,7 +855,8 @@ def find_isolated(
             embeddings ``softmax(z) - onehot(y)``.
         labels: ``(N,)`` integer class ids (any values, e.g. ``{3, 7, 100}``).
         fraction: Share of each class selected as medoids, in (0, 1].
-        metric: ``"euclidean"`` (the EPIC reference's kernel) or ``"cosine"``.
+        metric: A registered kernel's name (:func:`available_kernels`): ``"euclidean"`` (the
+            EPIC reference's kernel) or ``"cosine"`` built in.
         greedy: ``"lazy"`` (exact greedy, fast), ``"naive"`` (exact greedy by definition,
             ``O(K n^2)``, for testing) or ``"stochastic"`` (seeded stochastic greedy).
         cluster_threshold: Rows in clusters of at most this many rows are dropped.
