@@ -101,7 +101,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,8 @@ __all__ = [
     "SimilarityKernel",
     "available_kernels",
     "find_isolated",
+    "merge_results",
+    "partition_classes",
     "register_kernel",
     "similarity_kernel",
 ]
@@ -151,10 +153,11 @@ class SelectionResult:
     Attributes:
         medoids: Row positions of the selected medoids, class by class (classes in sorted
             label order), each class's medoids in greedy order.
-        assignment: For every row, the row position of the medoid it is assigned to.
+        assignment: For every row, the row position of the medoid it is assigned to (-1 for
+            rows of classes left out by ``find_isolated(classes=...)``).
         cluster_sizes: Number of rows assigned to each medoid, same order as ``medoids``.
         dropped: Sorted row positions of the rows in clusters of size ``<= cluster_threshold``.
-        kept: Sorted row positions of all other rows.
+        kept: Sorted row positions of all other rows (of the selected classes).
         per_class: ``label -> {"n": rows, "budget": medoids, "num_dropped": dropped rows}``.
         seconds: Wall-clock time spent in :func:`find_isolated`.
     """
@@ -841,6 +844,7 @@ def find_isolated(
     seed: int = 0,
     epsilon: float = 0.01,
     memory_budget_mb: float = 1024,
+    classes: Sequence[int] | None = None,
 ) -> SelectionResult:
     """Finds EPIC's isolated points: rows in small clusters of per-class facility location.
 
@@ -865,13 +869,19 @@ def find_isolated(
             ``ceil((n_c / K_c) log(1 / epsilon))`` candidates.
         memory_budget_mb: The largest similarity matrix (plus tiles) held in memory, in MiB;
             bigger classes are processed in tiles without materialising it.
+        classes: Select only these labels (None: every class). Rows of other classes get
+            assignment -1 and are neither dropped nor kept; each selected class gets the same
+            medoids, assignment and seed as in a call over every class, so the results of
+            disjoint ``classes`` covering every label, combined by :func:`merge_results`, equal
+            that call's (see :func:`partition_classes` to split the classes among processes).
 
     Returns:
         A :class:`SelectionResult`.
 
     Raises:
         ValueError: On NaN/inf embeddings, mismatched shapes, an empty input, non-integer
-            labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold.
+            labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold,
+            ``classes`` naming a label that does not occur.
         TypeError: If the inputs are neither torch tensors nor numpy arrays.
     """
     start = time.perf_counter()
@@ -889,6 +899,7 @@ def find_isolated(
             epsilon,
             memory_budget_mb,
             workers=workers,
+            only=classes,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -905,10 +916,11 @@ def _find_isolated(
     epsilon: float,
     memory_budget_mb: float,
     workers: int = 1,
+    only: Sequence[int] | None = None,
 ) -> SelectionResult:
     """:func:`find_isolated` without the thread setting and timing (same arguments).
 
-    ``workers`` classes are processed concurrently.
+    ``workers`` classes are processed concurrently; ``only`` is ``classes``.
     """
     emb, lab = _check_inputs(
         embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
@@ -919,15 +931,17 @@ def _find_isolated(
     classes, inverse = torch.unique(lab, sorted=True, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=int(classes.numel())).tolist()
+    label_list = [int(v) for v in classes.tolist()]
+    chosen = _chosen_classes(only, label_list)
 
-    assignment = torch.empty(n, dtype=torch.int64, device=dev)
+    assignment = torch.full((n,), -1, dtype=torch.int64, device=dev)
     starts = [0]
     for count in counts[:-1]:
         starts.append(starts[-1] + count)
     # Classes are independent; on a CPU with several threads they run concurrently (each on
     # one intra-op thread) if the largest class's dense kernel fits the budget's share.
-    workers = max(1, min(workers, len(counts)))
-    if workers > 1 and not _tile_plan(max(counts), budget_bytes // workers)[1]:
+    workers = max(1, min(workers, len(chosen)))
+    if workers > 1 and not _tile_plan(max(counts[k] for k in chosen), budget_bytes // workers)[1]:
         workers = 1
     share = budget_bytes // workers
 
@@ -943,7 +957,7 @@ def _find_isolated(
         med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share, steps)
         return rows[med], rows[assign]
 
-    by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
+    by_size = sorted(chosen, key=lambda k: -counts[k])  # largest first
     if workers > 1:
         done = _scheduled(by_size, build, finish, workers)
     else:
@@ -951,20 +965,22 @@ def _find_isolated(
         done = {k: finish(k, build(k, workspace)) for k in by_size}
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
-    for k, label in enumerate(classes.tolist()):
+    for k in sorted(chosen):
+        label = label_list[k]
         med, assign = done[k]
         assignment[order[starts[k] : starts[k] + counts[k]]] = assign
         all_medoids.append(med)
         per_class[int(label)] = {"n": counts[k], "budget": int(med.numel()), "num_dropped": 0}
 
-    medoids = torch.cat(all_medoids).cpu()
+    medoids = torch.cat(all_medoids).cpu() if all_medoids else torch.zeros(0, dtype=torch.int64)
     assignment = assignment.cpu()
+    selected = assignment >= 0
     # cluster size of every row position that is a medoid
-    sizes_by_row = torch.bincount(assignment, minlength=n)
+    sizes_by_row = torch.bincount(assignment[selected], minlength=n)
     cluster_sizes = sizes_by_row[medoids]
-    dropped_mask = sizes_by_row[assignment] <= int(cluster_threshold)
+    dropped_mask = selected & (sizes_by_row[assignment.clamp_min(0)] <= int(cluster_threshold))
     dropped = dropped_mask.nonzero().squeeze(1)
-    kept = (~dropped_mask).nonzero().squeeze(1)
+    kept = (selected & ~dropped_mask).nonzero().squeeze(1)
     lab_cpu = lab.cpu()
     if dropped.numel():
         dl, dc = torch.unique(lab_cpu[dropped], return_counts=True)
@@ -977,4 +993,116 @@ def _find_isolated(
         dropped=dropped,
         kept=kept,
         per_class=per_class,
+    )
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _chosen_classes(only: Sequence[int] | None, labels: list[int]) -> list[int]:
+    """Indices (into the sorted distinct ``labels``) of the classes to select."""
+    if only is None:
+        return list(range(len(labels)))
+    if isinstance(only, (str, bytes)) or not isinstance(only, (Sequence, torch.Tensor, np.ndarray)):
+        raise ValueError(f"classes must be a sequence of labels or None, got {only!r}.")
+    wanted = [int(v) for v in (only.tolist() if isinstance(only, (torch.Tensor, np.ndarray)) else only)]
+    position = {label: k for k, label in enumerate(labels)}
+    missing = sorted({v for v in wanted if v not in position})
+    if missing:
+        raise ValueError(
+            f"classes contains label(s) {missing} that no row has; pass labels that occur in labels "
+            "(e.g. from partition_classes(labels, world_size))."
+        )
+    return sorted({position[v] for v in wanted})
+
+
+def partition_classes(labels: torch.Tensor | np.ndarray, world_size: int) -> list[list[int]]:
+    """Splits the classes of ``labels`` among ``world_size`` processes, balanced by rows.
+
+    Longest processing time first: classes by decreasing row count (ties: lower label first)
+    go one by one to the process with the fewest rows so far (ties: the lowest rank). The
+    result depends only on the labels, so every process computes the same partition. The
+    largest share is at most 4/3 of the best possible one (Graham, 1969); a class is never split.
+
+    Args:
+        labels: ``(N,)`` integer class ids, as passed to :func:`find_isolated`.
+        world_size: Number of processes (>= 1).
+
+    Returns:
+        For every rank, the sorted labels it selects (empty when there are fewer classes than
+        processes); pass ``classes=partition[rank]`` to :func:`find_isolated`.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}.")
+    lab = _as_tensor(labels, "labels")
+    if lab.dim() != 1 or lab.dtype == torch.bool or lab.is_floating_point() or lab.is_complex():
+        raise ValueError(
+            f"labels must be a 1-D integer array, got shape {tuple(lab.shape)} and dtype {lab.dtype}."
+        )
+    values, counts = torch.unique(lab.cpu(), sorted=True, return_counts=True)
+    loads = [0] * int(world_size)
+    shares: list[list[int]] = [[] for _ in range(int(world_size))]
+    for label, count in sorted(zip(values.tolist(), counts.tolist()), key=lambda lc: (-lc[1], lc[0])):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        loads[rank] += int(count)
+        shares[rank].append(int(label))
+    return [sorted(share) for share in shares]
+
+
+def merge_results(results: Sequence[SelectionResult]) -> SelectionResult:
+    """Combines the results of :func:`find_isolated` on disjoint ``classes`` into one.
+
+    With the same embeddings, labels and settings on every process and ``classes`` from
+    :func:`partition_classes`, the merged result equals that of one call over every class
+    (medoids class by class in sorted label order, assignment, cluster sizes, dropped and
+    kept rows, per-class counts); ``seconds`` is the longest of the parts (they run side by side).
+
+    Args:
+        results: One result per process (e.g. gathered with
+            ``torch.distributed.all_gather_object``), in any order.
+
+    Raises:
+        ValueError: If two results selected the same class, if they disagree on the number of
+            rows, or if some row belongs to no result's classes.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one SelectionResult.")
+    n = int(results[0].assignment.numel())
+    assignment = torch.full((n,), -1, dtype=torch.int64)
+    per_class: dict[int, dict[str, int]] = {}
+    pieces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    dropped, kept = [], []
+    for res in results:
+        if int(res.assignment.numel()) != n:
+            raise ValueError(
+                f"results cover different numbers of rows ({n} and {int(res.assignment.numel())}); "
+                "every process must select on the same embeddings and labels."
+            )
+        start = 0
+        for label in sorted(res.per_class):
+            if label in per_class:
+                raise ValueError(f"class {label} was selected by two results; pass disjoint classes.")
+            info = res.per_class[label]
+            per_class[label] = dict(info)
+            end = start + int(info["budget"])
+            pieces[label] = (res.medoids[start:end], res.cluster_sizes[start:end])
+            start = end
+        mine = res.assignment >= 0
+        assignment[mine] = res.assignment[mine]
+        dropped.append(res.dropped)
+        kept.append(res.kept)
+    if bool((assignment < 0).any()):
+        raise ValueError(
+            f"{int((assignment < 0).sum())} row(s) belong to classes that no result selected; "
+            "merge the results of every process (their classes must cover every label)."
+        )
+    labels = sorted(pieces)
+    return SelectionResult(
+        medoids=torch.cat([pieces[label][0] for label in labels]),
+        assignment=assignment,
+        cluster_sizes=torch.cat([pieces[label][1] for label in labels]),
+        dropped=torch.sort(torch.cat(dropped)).values,
+        kept=torch.sort(torch.cat(kept)).values,
+        per_class={label: per_class[label] for label in labels},
+        seconds=max(float(res.seconds) for res in results),
     )
