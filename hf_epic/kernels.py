@@ -34,7 +34,8 @@ Built in:
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import torch
 
@@ -164,12 +165,12 @@ class DistanceKernel(SimilarityKernel):
         return self.from_sq_distance(d2, dim, out)
 
 
-_RegisteredKernel = type[SimilarityKernel]
-KERNELS: dict[str, _RegisteredKernel] = {}
+_K = TypeVar("_K", bound=type[SimilarityKernel])
+KERNELS: dict[str, type[SimilarityKernel]] = {}
 """Every registered kernel class by name, in registration order."""
 
 
-def register_kernel(name: str):  # noqa: ANN201 - a class decorator
+def register_kernel(name: str) -> Callable[[_K], _K]:
     """Class decorator: registers a :class:`SimilarityKernel` subclass under ``name``.
 
     Raises:
@@ -178,7 +179,7 @@ def register_kernel(name: str):  # noqa: ANN201 - a class decorator
     if not isinstance(name, str) or not name:
         raise ValueError(f"a kernel name must be a non-empty string, got {name!r}.")
 
-    def decorate(cls: _RegisteredKernel) -> _RegisteredKernel:
+    def decorate(cls: _K) -> _K:
         if not (isinstance(cls, type) and issubclass(cls, SimilarityKernel)):
             raise TypeError(f"register_kernel({name!r}) decorates SimilarityKernel subclasses, got {cls!r}.")
         if name in KERNELS:
