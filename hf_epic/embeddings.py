@@ -201,7 +201,11 @@ def _to_model(batch: dict[str, Any], device: torch.device, dtype: torch.dtype, n
 
 
 def gradient_embedding(
-    logits: torch.Tensor, labels: torch.Tensor, kind: str, features: torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    features: torch.Tensor | None = None,
+    to_cpu: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedding and cross-entropy of a batch from its logits (and penultimate features).
 
@@ -211,9 +215,10 @@ def gradient_embedding(
         kind: ``"logits_grad"`` (``softmax - onehot``) or ``"last_layer_grad"`` (its outer product with
             ``features``).
         features: ``(B, H)`` classifier inputs, needed for ``"last_layer_grad"``.
+        to_cpu: Move the result to the CPU (False: leave it on the logits' device, no synchronisation).
 
     Returns:
-        (embeddings, losses) on the CPU, float32.
+        (embeddings, losses), float32.
 
     Raises:
         ValueError: If ``"last_layer_grad"`` gets no 2-D features.
@@ -230,7 +235,7 @@ def gradient_embedding(
             )
         g = (g[:, :, None] * features.detach().float()[:, None, :]).flatten(1)
     losses = F.cross_entropy(logits, y, reduction="none")
-    return g.cpu(), losses.cpu()
+    return (g.cpu(), losses.cpu()) if to_cpu else (g, losses)
 
 
 def _local_pass(

@@ -136,9 +136,12 @@ class EpicCallback(TrainerCallback):
     At the beginning of every scheduled epoch (after ``epic_start_epoch`` completed epochs, then every
     ``epic_interval`` epochs, before ``epic_stop_epoch``), it embeds every training row (dropped rows
     included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
-    mode, gathers the embeddings of all processes, lets rank 0 select the isolated rows
-    (:meth:`select_rows`), limits them to ``epic_max_drop_fraction`` of each class (a class always
-    keeps a row), broadcasts them, and removes them from the training sampler. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
+    mode, gathers the embeddings of all processes, selects the isolated rows (with several processes
+    each selects its share of the classes and the results are merged; an overridden
+    :meth:`select_rows` runs on rank 0 and is broadcast), limits them to ``epic_max_drop_fraction``
+    of each class (a class always keeps a row), and removes them from the training sampler. With
+    ``epic_embedding_source="training_pass"`` (``EpicTrainer`` only) the embeddings are recorded from
+    the training forward passes of the epoch before the round instead of an extra pass. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
     ``epic_state.json`` in each checkpoint and in ``output_dir``.
 
     Args:
@@ -208,6 +211,7 @@ class EpicCallback(TrainerCallback):
         self._store: torch.Tensor | None = None  # last recorded embedding of every row (training pass)
         self._store_losses: torch.Tensor | None = None
         self._stored: torch.Tensor | None = None
+        self._device_labels: torch.Tensor | None = None  # labels where the training batches are
         self._recorded_counts: tuple[int, int] | None = None  # (distinct rows, row copies) of the last round
 
     # ----------------------------------------------------------------- public API
@@ -232,7 +236,9 @@ class EpicCallback(TrainerCallback):
         """Choose the rows to drop newly this round (override for other defenses).
 
         The default runs :func:`hf_epic.selection.find_isolated` over all rows and returns the
-        isolated rows not dropped before. Runs on rank 0 only; the result is broadcast.
+        isolated rows not dropped before. With several processes the built-in selection is spread
+        over them by class (this method is not called); an override runs on rank 0 only and its
+        result is broadcast.
 
         Args:
             embeddings: float32 ``(N, D)`` gradient embeddings of every row, in row order.
@@ -688,6 +694,7 @@ class EpicCallback(TrainerCallback):
         self.stop_recording()
         self._recorded = []
         self._captured = {}
+        self._device_labels = None
         if self.settings["epic_embedding"] == "last_layer_grad":
             classifier = find_classifier(model)
             captured = self._captured
@@ -716,13 +723,17 @@ class EpicCallback(TrainerCallback):
         if not self._recording:
             return
         assert self.settings is not None and self.labels is not None
-        rows = rows.detach().to("cpu", torch.long).flatten()
+        kind = self.settings["epic_embedding"]
+        rows = rows.detach().to(torch.long).flatten()
+        if self._device_labels is None or self._device_labels.device != rows.device:
+            self._device_labels = self.labels.to(rows.device)
+        labels = self._device_labels[rows]
         features = self._captured.pop("h", None)
         with torch.no_grad():
-            g, losses = gradient_embedding(
-                logits, self.labels[rows], self.settings["epic_embedding"], features
-            )
-        self._recorded.append((rows, g, losses))
+            # C numbers per row stay on the accelerator until the round (no synchronisation per step);
+            # the wider last-layer embeddings go to the CPU.
+            g, losses = gradient_embedding(logits, labels, kind, features, to_cpu=kind == "last_layer_grad")
+        self._recorded.append((rows.to(g.device), g, losses))
 
     def _class_shares(self, dropped: list[int]) -> dict[str, float]:
         """Share of each class's rows among ``dropped`` (every class of the training set, by label)."""
