@@ -398,7 +398,8 @@ class EpicCallback(TrainerCallback):
             self.run_round(args, state, kwargs.get("model"), epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        if self._records_training_pass() and self.is_round_epoch(epoch + 1):
+        last_epoch = epoch + 1 >= (state.num_train_epochs or epoch + 2)  # no round after the last epoch
+        if self._records_training_pass() and self.is_round_epoch(epoch + 1) and not last_epoch:
             self.start_recording(kwargs.get("model"))
         return control
 
@@ -522,7 +523,7 @@ class EpicCallback(TrainerCallback):
         n = self.state.num_rows
         if s["epic_embedding_source"] != "training_pass":
             self._recorded_counts = None
-            return self._eval_pass(args, model, None), n
+            return self.embedding_pass(args, model, None), n
         start = time.perf_counter()
         self.stop_recording()
         local = self._recorded
@@ -557,7 +558,7 @@ class EpicCallback(TrainerCallback):
                     "last epoch, or never recorded); an eval pass embeds them.",
                     len(missing_rows),
                 )
-            extra = self._eval_pass(args, model, missing_rows)
+            extra = self.embedding_pass(args, model, missing_rows)
             self._keep_embeddings(extra.rows, extra.embeddings, extra.losses)
         assert self._store is not None and self._store_losses is not None
         result = EmbeddingResult(
@@ -582,8 +583,21 @@ class EpicCallback(TrainerCallback):
         self._store_losses[rows] = losses.float()
         self._stored[rows] = True
 
-    def _eval_pass(self, args: TrainingArguments, model: Any, rows: torch.Tensor | None) -> EmbeddingResult:
-        """An eval-mode pass over ``rows`` (None: all), loaded as ``Trainer.evaluate`` loads its rows."""
+    def embedding_pass(
+        self, args: TrainingArguments, model: Any, rows: torch.Tensor | None = None
+    ) -> EmbeddingResult:
+        """Embed ``rows`` (None: every row) in an eval-mode pass, loaded as ``Trainer.evaluate`` loads rows.
+
+        The batch size is ``epic_embedding_batch_size`` or ``per_device_eval_batch_size``; workers,
+        pin memory, prefetch and the data collator are the trainer's; the forward runs in the trainer's
+        autocast context. Call after :meth:`prepare`. Every process must call it (the rows are sharded
+        and gathered).
+
+        Args:
+            args: The trainer's arguments.
+            model: The (unwrapped) model.
+            rows: Row positions to embed.
+        """
         assert self.settings is not None and self.labels is not None
         s = self.settings
         rank, _ = _distributed()
