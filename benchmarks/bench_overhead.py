@@ -139,8 +139,9 @@ def case_overhead(model_name: str, options: argparse.Namespace, train) -> dict:
     return summary
 
 
-def case_eval_speed(model_name: str, options: argparse.Namespace, train) -> dict:
+def case_eval_speed(model_name: str, options: argparse.Namespace, train, workers: int) -> dict:
     """Rows/s of the embedding pass against ``Trainer.evaluate`` on the same rows, alternating."""
+    options = argparse.Namespace(**{**vars(options), "workers": workers})
     torch.manual_seed(0)
     model = BUILDERS[model_name](10, options.image_size, 1)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -178,6 +179,7 @@ def case_eval_speed(model_name: str, options: argparse.Namespace, train) -> dict
     )
     return {
         "model": model_name,
+        "workers": workers,
         "rows": rows,
         "evaluate_seconds": evaluate_s,
         "embedding_seconds": embed_s,
@@ -199,13 +201,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--eval_batch_size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0, help="dataloader_num_workers of every run")
+    parser.add_argument("--workers", type=int, default=0, help="dataloader_num_workers of the overhead runs")
+    parser.add_argument("--eval_workers", default="0,2", help="dataloader_num_workers values of eval-speed")
     parser.add_argument("--image_size", type=int, default=16)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument(
-        "--repeats", type=int, default=2, help="rotations of (Trainer, training pass, eval pass)"
+        "--repeats", type=int, default=3, help="rotations of (Trainer, training pass, eval pass)"
     )
-    parser.add_argument("--eval-repeats", type=int, default=6, help="evaluate / embedding-pass pairs")
+    parser.add_argument("--eval-repeats", type=int, default=10, help="evaluate / embedding-pass pairs")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings steadier)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     options = parser.parse_args()
@@ -225,7 +228,8 @@ def main() -> None:
     results: dict = {"options": vars(options), "device": device, "load_before": os.getloadavg()}
     if "eval-speed" in cases:
         print("eval-speed: EPIC's embedding pass against Trainer.evaluate on the same rows")
-        results["eval_speed"] = [case_eval_speed(m, options, train) for m in models]
+        workers = [int(w) for w in options.eval_workers.split(",") if w.strip()]
+        results["eval_speed"] = [case_eval_speed(m, options, train, w) for m in models for w in workers]
     if "overhead" in cases:
         print("overhead: EpicTrainer (training-pass / eval-pass embeddings) against Trainer")
         results["overhead"] = [case_overhead(m, options, train) for m in models]

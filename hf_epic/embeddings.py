@@ -285,14 +285,20 @@ def _local_pass(
                 pin_memory=pin_memory,
                 **options,
             )
-            progress = tqdm(loader, desc="EPIC embeddings", disable=not show_progress, leave=False)
-            for idx, batch in zip(chunks_of_rows, progress):
+            # A bar without the iterable: tqdm.auto's asyncio tqdm calls iter() on what it wraps, which
+            # would start a second set of loader workers.
+            progress = tqdm(
+                total=len(chunks_of_rows), desc="EPIC embeddings", disable=not show_progress, leave=False
+            )
+            for idx, batch in zip(chunks_of_rows, loader):
+                progress.update(1)
                 inputs = _to_model(batch, device, dtype, non_blocking=pin_memory)
                 with forward_context() if forward_context is not None else contextlib.nullcontext():
                     logits = extract_logits(model(**inputs))
                 g, losses = gradient_embedding(logits, labels[idx], kind, captured.pop("h", None))
                 chunks.append(g)
                 loss_chunks.append(losses)
+            progress.close()
     finally:
         if handle is not None:
             handle.remove()

@@ -851,6 +851,7 @@ class EpicCallback(TrainerCallback):
             "epic/max_class_dropped_share": max(record["dropped_share_per_class"].values(), default=0.0),
             "epic/capped": sum(record["capped_per_class"].values()),
             "epic/embedding_seconds": record["embedding_seconds"],
+            "epic/eval_pass_rows": record["eval_pass_rows"],
             "epic/selection_seconds": record["selection_seconds"],
         }
         if record["poisons_dropped"] is not None:
