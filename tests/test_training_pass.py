@@ -103,3 +103,58 @@ def test_training_pass_refused_on_a_plain_trainer(tmp_path):
     trainer.add_callback(EpicCallback(embedding_source="training_pass"))
     with pytest.raises(ValueError, match="use hf_epic.EpicTrainer"):
         trainer.train()
+
+
+def test_resume_mid_epoch_embeds_only_what_the_resumed_epoch_missed(tmp_path):
+    """After a resume in the recording epoch, the rows trained before the checkpoint and the dropped rows
+    (whose recordings are not in the checkpoint) are embedded by an eval pass; the rest is recorded."""
+
+    def run(folder, resume=None):
+        trainer = EpicTrainer(
+            model=tiny_vit(0),
+            args=make_config(
+                folder,
+                num_train_epochs=3,
+                per_device_train_batch_size=16,
+                save_strategy="steps",
+                save_steps=8,  # mid epoch 1 (epoch 0 has 6 steps), which records for the round before epoch 2
+                epic_fraction=0.3,
+                epic_embedding_source="training_pass",
+            ),
+            train_dataset=with_pixels(small_digits(96)),
+            data_collator=RecordingCollator(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    assert [r["eval_pass_rows"] for r in full.epic_state.rounds] == [0, 0]
+    resumed = run(tmp_path / "resumed", str(tmp_path / "full" / "checkpoint-8"))
+    first, second = resumed.epic_state.rounds
+    assert first == full.epic_state.rounds[0]
+    kept = first["num_kept"]
+    assert second["recorded_rows"] == kept - 2 * 16  # the two batches trained before the checkpoint
+    assert second["eval_pass_rows"] == 2 * 16 + first["num_dropped_total"]
+    assert resumed.epic_callback.eval_passes == 1
+
+
+def test_eval_pass_batches_like_trainer_evaluate(tmp_path):
+    """Without epic_embedding_batch_size the embedding pass uses per_device_eval_batch_size."""
+    calls = {}
+    for eval_batch in (40, 80):
+        collator = RecordingCollator()
+        trainer = EpicTrainer(
+            model=tiny_vit(0),
+            args=make_config(
+                tmp_path / str(eval_batch),
+                num_train_epochs=2,
+                per_device_eval_batch_size=eval_batch,
+                epic_embedding_batch_size=None,
+            ),
+            train_dataset=with_pixels(small_digits(ROWS)),
+            data_collator=collator,
+        )
+        trainer.train()
+        assert trainer.epic_callback.eval_passes == 1
+        calls[eval_batch] = collator.no_grad_calls
+    assert calls[40] - calls[80] == ROWS // 40 - ROWS // 80  # 4 batches against 2 in the one pass
