@@ -744,9 +744,10 @@ class EpicCallback(TrainerCallback):
         labels = self._device_labels[rows]
         features = self._captured.pop("h", None)
         with torch.no_grad():
-            # C numbers per row stay on the accelerator until the round (no synchronisation per step);
-            # the wider last-layer embeddings go to the CPU.
-            g, losses = gradient_embedding(logits, labels, kind, features, to_cpu=kind == "last_layer_grad")
+            # Up to 128 classes the embeddings stay on the accelerator until the round (no synchronisation
+            # per step); wider ones (many classes, last-layer embeddings) go to the CPU at once.
+            wide = kind == "last_layer_grad" or logits.shape[-1] > 128
+            g, losses = gradient_embedding(logits, labels, kind, features, to_cpu=wide)
         self._recorded.append((rows.to(g.device), g, losses))
 
     def _class_shares(self, dropped: list[int]) -> dict[str, float]:

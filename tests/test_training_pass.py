@@ -158,3 +158,35 @@ def test_eval_pass_batches_like_trainer_evaluate(tmp_path):
         assert trainer.epic_callback.eval_passes == 1
         calls[eval_batch] = collator.no_grad_calls
     assert calls[40] - calls[80] == ROWS // 40 - ROWS // 80  # 4 batches against 2 in the one pass
+
+
+def test_text_with_dynamic_padding_and_removed_columns(tmp_path):
+    """A tiny BERT, DataCollatorWithPadding, remove_unused_columns=True: the row positions survive both."""
+    import os
+    import sys
+
+    from transformers import DataCollatorWithPadding
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+    from tiny_text import build_text_dataset, build_tokenizer, tiny_bert
+
+    tokenizer = build_tokenizer(str(tmp_path / "tok"))
+    train = build_text_dataset(tokenizer, 120, planted=(11, 24, 37, 50, 63, 76))
+    trainer = EpicTrainer(
+        model=tiny_bert(tokenizer),
+        args=make_config(
+            tmp_path / "out",
+            num_train_epochs=3,
+            per_device_train_batch_size=16,
+            learning_rate=5e-3,
+            remove_unused_columns=True,
+            epic_embedding_source="training_pass",
+        ),
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    rounds = trainer.epic_state.rounds
+    assert [r["eval_pass_rows"] for r in rounds] == [0, 0] and trainer.epic_callback.eval_passes == 0
+    assert rounds[0]["recorded_rows"] == 120 and rounds[1]["recorded_rows"] == rounds[0]["num_kept"]
