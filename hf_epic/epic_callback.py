@@ -643,7 +643,8 @@ class EpicCallback(TrainerCallback):
         assert self.settings is not None and self.state is not None and self.labels is not None
         all_classes = sorted(set(self.labels.tolist()))
         start = time.perf_counter()
-        if world > 1 and type(self).select_rows is EpicCallback.select_rows:
+        builtin = getattr(self.select_rows, "__func__", None) is EpicCallback.select_rows  # not overridden
+        if world > 1 and builtin:
             from .selection import find_isolated, merge_results, partition_classes
 
             parts = partition_classes(emb.labels, world)
