@@ -558,6 +558,12 @@ class EpicCallback(TrainerCallback):
                     "last epoch, or never recorded); an eval pass embeds them.",
                     len(missing_rows),
                 )
+            else:
+                logger.warning(
+                    "EPIC recorded no training-pass embeddings in the epoch before this round (a resume at an "
+                    "epoch end, or a training set without a length); an eval pass embeds all %d rows.",
+                    len(missing_rows),
+                )
             extra = self.embedding_pass(args, model, missing_rows)
             self._keep_embeddings(extra.rows, extra.embeddings, extra.losses)
         assert self._store is not None and self._store_losses is not None
