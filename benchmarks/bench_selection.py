@@ -23,7 +23,9 @@ trained on scikit-learn's digits.
 
     .venv/bin/python benchmarks/bench_selection.py                        # all cases
     .venv/bin/python benchmarks/bench_selection.py --cases cifar10 --fractions 0.1
-    .venv/bin/python benchmarks/bench_selection.py --cases large --no-reference
+    .venv/bin/python benchmarks/bench_selection.py --cases large --no-reference       # 200k rows, stochastic
+    .venv/bin/python benchmarks/bench_selection.py --cases large-exact --threads 1   # 200k rows, exact
+    .venv/bin/python benchmarks/bench_selection.py --cases million --threads 1       # 1M rows, stochastic
     .venv/bin/python benchmarks/bench_selection.py --cases cifar10 --device cuda --no-reference
 """
 
@@ -274,6 +276,57 @@ def run_case(
     return rows
 
 
+def million_case(rows: int, check_rows: int, device: str) -> list[dict[str, Any]]:
+    """One class of ``rows`` rows (D = 10, fraction 0.1) with stochastic greedy, then its check.
+
+    The check: on a random subsample of ``check_rows`` rows of the same class, stochastic and
+    exact (lazy) greedy are both run; printed are the Jaccard overlap of their dropped sets and
+    how many of the subsample's planted isolated rows each drops.
+    """
+    emb, _, iso = make_gradient_embeddings(rows, 10, 10, seed=2)
+    labels = torch.zeros(rows, dtype=torch.long)
+    print(
+        f"million: one class of {rows:,d} rows, {class_budget(0.1, rows):,d} medoids, stochastic", flush=True
+    )
+    out = run_case(
+        "million",
+        emb,
+        labels,
+        [0.1],
+        reference=False,
+        repeats=1,
+        device=device,
+        isolated=iso,
+        greedy="stochastic",
+    )
+    out[0]["process_peak_mib"] = _rss_kib("VmHWM") / 1024
+    print(f"{'':9s} process peak resident size {out[0]['process_peak_mib']:.0f} MiB", flush=True)
+    sub = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[:check_rows].sort().values
+    e, lab, planted = emb[sub].to(device), labels[sub].to(device), iso[sub]
+    exact = find_isolated(e, lab, 0.1, greedy="lazy")
+    stoch = find_isolated(e, lab, 0.1, greedy="stochastic")
+    check = {
+        "case": "million-check",
+        "rows": check_rows,
+        "jaccard_vs_exact": jaccard(exact.dropped.numpy(), stoch.dropped.numpy()),
+        "exact_dropped": int(exact.dropped.numel()),
+        "stochastic_dropped": int(stoch.dropped.numel()),
+        "planted": int(planted.sum()),
+        "exact_planted_found": int(planted[exact.dropped].sum()),
+        "stochastic_planted_found": int(planted[stoch.dropped].sum()),
+        "exact_s": exact.seconds,
+        "stochastic_s": stoch.seconds,
+    }
+    print(
+        f"{'':9s} check on a subsample of {check_rows:,d} rows: Jaccard(stochastic, exact) "
+        f"{check['jaccard_vs_exact']:.4f}, dropped {check['stochastic_dropped']} vs {check['exact_dropped']}, "
+        f"planted isolated found {check['stochastic_planted_found']} vs {check['exact_planted_found']} "
+        f"of {check['planted']} (exact {exact.seconds:.1f} s, stochastic {stoch.seconds:.1f} s)",
+        flush=True,
+    )
+    return [*out, check]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; see the module docstring."""
     parser = argparse.ArgumentParser(
@@ -296,11 +349,23 @@ def main(argv: list[str] | None = None) -> int:
         choices=("stochastic", "lazy"),
         help="optimiser for the large case (exact lazy greedy takes hours there on a CPU)",
     )
+    parser.add_argument(
+        "--million-rows", type=int, default=1_000_000, help="rows of the one class of the 'million' case"
+    )
+    parser.add_argument(
+        "--check-rows",
+        type=int,
+        default=20_000,
+        help="'million' case: rows of the random subsample on which stochastic greedy is checked against exact greedy",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", help="also write the measurements to this JSON file")
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     cases = args.cases.split(",")
     reference = not args.no_reference
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)
     results: list[dict[str, Any]] = []
     for case in cases:
@@ -328,13 +393,16 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device,
                 isolated=iso,
             )
-        elif case == "large":
+        elif case in ("large", "large-exact"):
+            greedy = "lazy" if case == "large-exact" else args.large_greedy
             emb, _, iso = make_gradient_embeddings(args.large_rows, 10, 10, seed=1)
             labels = torch.zeros(args.large_rows, dtype=torch.long)  # one class
             budget = class_budget(0.1, args.large_rows)
-            print(f"large: one class of {args.large_rows:,d} rows, {budget:,d} medoids", flush=True)
+            print(
+                f"{case}: one class of {args.large_rows:,d} rows, {budget:,d} medoids, {greedy}", flush=True
+            )
             results += run_case(
-                "large",
+                case,
                 emb,
                 labels,
                 [0.1],
@@ -342,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=1,
                 device=args.device,
                 isolated=iso,
-                greedy=args.large_greedy,
+                greedy=greedy,
             )
+        elif case == "million":
+            results += million_case(args.million_rows, args.check_rows, args.device)
         else:
             parser.error(f"unknown case {case!r}")
     if args.json:

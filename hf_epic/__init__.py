@@ -4,6 +4,8 @@ Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF im
 
     from hf_epic import EpicConfig, EpicTrainer, EpicCallback      # training
     from hf_epic import find_isolated, SelectionResult            # the selection engine
+    from hf_epic import partition_classes, merge_results          # selection over several processes
+    from hf_epic import available_kernels, register_kernel        # similarity kernels
     from hf_epic import render_model_card, make_epic_plots        # model cards and plots
     from hf_epic import load_digits_dataset                       # offline data
     from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks (registered)
@@ -21,6 +23,10 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     "find_isolated": "selection",
     "SelectionResult": "selection",
+    "partition_classes": "selection",
+    "merge_results": "selection",
+    "available_kernels": "kernels",
+    "register_kernel": "kernels",
     "EpicConfig": "epic_config",
     "EpicCallback": "epic_callback",
     "EpicTrainer": "epic_trainer",
@@ -41,10 +47,14 @@ __all__ = [
     "KeptRowsSampler",
     "SelectionResult",
     "__version__",
+    "available_kernels",
     "compute_gradient_embeddings",
     "find_isolated",
     "load_digits_dataset",
     "make_epic_plots",
+    "merge_results",
+    "partition_classes",
+    "register_kernel",
     "render_model_card",
     "update_model_card",
 ]
@@ -55,10 +65,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .epic_callback import EpicCallback
     from .epic_config import EpicConfig
     from .epic_trainer import EpicTrainer
+    from .kernels import available_kernels, register_kernel
     from .model_card import render_model_card, update_model_card
     from .plots import make_epic_plots
     from .sampler import KeptRowsSampler
-    from .selection import SelectionResult, find_isolated
+    from .selection import SelectionResult, find_isolated, merge_results, partition_classes
     from .state import EpicState
 
 

@@ -1,7 +1,8 @@
 r"""Greedy facility location on classes too large for a dense kernel, by pruning with cells.
 
-Pure torch (no Hugging Face imports); used by :mod:`hf_epic.selection` for the euclidean
-kernel ``s(i, c) = exp(-||g_i - g_c|| / D)`` when a class's ``n x n`` kernel does not fit the
+Pure torch (no Hugging Face imports); used by :mod:`hf_epic.selection` for a distance-based
+kernel ``s(i, c) = f(||g_i - g_c||)`` (:class:`hf_epic.kernels.DistanceKernel`; the EPIC
+reference's euclidean kernel ``f(d) = exp(-d / D)`` is one) when a class's ``n x n`` kernel does not fit the
 memory budget. Nothing here materialises more than a small block of the kernel.
 
 Cells
@@ -17,8 +18,9 @@ Reach
 -----
 A row ``i`` whose best similarity so far is ``cur_i`` (0 before any medoid) contributes to
 the gain ``sum_i max(0, s(i, c) - cur_i)`` of a candidate ``c`` only if
-``s(i, c) > cur_i``, that is if ``||g_i - g_c|| < r_i = -D ln(cur_i)`` (its *reach*; infinite
-while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle inequality
+``s(i, c) > cur_i``, that is if ``||g_i - g_c|| < r_i = f^{-1}(cur_i)`` (its *reach*,
+:meth:`hf_epic.kernels.DistanceKernel.to_distance`; ``-D ln(cur_i)`` for the euclidean kernel,
+infinite while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle inequality
 ``||g_i - g_c|| >= ||mu_b - g_c|| - rho_b``, no row of cell ``b`` contributes to ``c`` unless
 
     ||mu_b - g_c|| - rho_b < R_b,                                              (1)
@@ -117,8 +119,8 @@ class Cells:
     """The rows of one class grouped into small balls, with the state the greedy prunes by.
 
     Args:
-        kernel: The class's :class:`hf_epic.selection._Kernel` (euclidean metric): its
-            embeddings ``x`` (centred), squared norms ``sq``, ``inv_dim``, ``work_dtype`` and
+        kernel: The class's :class:`hf_epic.selection._Kernel` (a distance-based kernel): its
+            similarity ``sim``, embeddings ``x`` (centred), squared norms ``sq``, ``work_dtype`` and
             ``needs_rounding`` define the similarities computed here, exactly as its tiles.
         leaf: Largest number of rows in a cell (narrower cells are split further).
         budget_bytes: Work memory for one block of similarities.
@@ -127,13 +129,13 @@ class Cells:
     def __init__(
         self, kernel: Any, leaf: int = _LEAF, budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT
     ) -> None:
-        if kernel.metric != "euclidean":
-            raise ValueError("cells prune the euclidean kernel only")
+        if not kernel.sim.distance_based:
+            raise ValueError(f"cells prune distance-based kernels only, not {kernel.metric!r}")
+        self.sim = kernel.sim
         n = kernel.n
         self.n = n
         self.chunk_elements = int(min(_CHUNK_ELEMENTS, max(1, budget_bytes // _BYTES_PER_ELEMENT)))
-        self.dim = 1.0 / kernel.inv_dim
-        self.inv_dim = kernel.inv_dim
+        self.dim = kernel.dim
         self.needs_rounding = kernel.needs_rounding
         x64 = kernel.x.to(torch.float64)
         # two levels: groups of about _GROUP cells, split further into cells
@@ -240,8 +242,9 @@ class Cells:
         return s.masked_fill_(self.members.index_select(0, cell) == cands[:, None], 1.0)
 
     def _to_similarity(self, d2: torch.Tensor) -> torch.Tensor:
-        """``exp(-sqrt(d2) / D)`` in float32, quantised as the kernel's (``d2`` is overwritten)."""
-        s = d2.clamp_min_(0.0).to(torch.float32).sqrt_().mul_(-self.inv_dim).exp_()
+        """The kernel's similarities from squared distances in float32, quantised as the kernel's
+        (``d2`` is overwritten)."""
+        s = self.sim.from_sq_distance(d2, self.dim)
         if self.needs_rounding:
             s.mul_(2.0**24).round_().div_(2.0**24)
         return s
@@ -307,11 +310,8 @@ class Cells:
             self.cell_cur.index_copy_(0, c, cur)
             self.cell_assign.index_copy_(0, c, self.cell_assign.index_select(0, c).masked_fill_(better, j))
             cur64 = cur.to(torch.float64)
-            reach = torch.where(
-                cur64 > _SIM_MARGIN,
-                -self.dim * torch.log((cur64 - _SIM_MARGIN).clamp_min(1e-300)),
-                torch.full_like(cur64, math.inf),
-            )
+            # the padding's best similarity (2) is clipped to 1: reach 0
+            reach = self.sim.to_distance((cur64 - _SIM_MARGIN).clamp_max_(1.0), self.dim)
             self.reach.index_copy_(0, c, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
             groups = self.group_of_cell.index_select(0, c).unique()
             group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
@@ -394,7 +394,7 @@ def greedy_stochastic_cells(
     beat the best exact gain found; the choice is the sample's exact argmax (ties: lowest row).
 
     Args:
-        kernel: The class's kernel (euclidean; its dense matrix is not needed).
+        kernel: The class's kernel (distance-based; its dense matrix is not needed).
         budget: Number of medoids.
         sample_size: Candidates drawn per step.
         generator: Seeds the draws (as the dense path's stochastic greedy).

@@ -12,7 +12,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .embeddings import compute_gradient_embeddings
+from .embeddings import (
+    EmbeddingResult,
+    compute_gradient_embeddings,
+    find_classifier,
+    gather_rows,
+    gradient_embedding,
+)
 from .epic_config import default_epic_settings, validate_epic_settings
 from .sampler import KeptRowsSampler
 from .state import STATE_FILE_NAME, EpicState, check_state_matches_run
@@ -94,15 +100,48 @@ def _find_batch_sampler(dataloader: Any) -> Any:
     return None
 
 
+def _result_to_json(result: Any) -> dict[str, Any]:
+    """A :class:`~hf_epic.selection.SelectionResult` as plain lists and numbers (gathered between ranks)."""
+    return {
+        "medoids": result.medoids.tolist(),
+        "assignment": result.assignment.tolist(),
+        "cluster_sizes": result.cluster_sizes.tolist(),
+        "dropped": result.dropped.tolist(),
+        "kept": result.kept.tolist(),
+        "per_class": [[int(label), dict(info)] for label, info in result.per_class.items()],
+        "seconds": float(result.seconds),
+    }
+
+
+def _result_from_json(data: dict[str, Any]) -> Any:
+    from .selection import SelectionResult
+
+    def ints(name: str) -> torch.Tensor:
+        return torch.as_tensor(data[name], dtype=torch.long)
+
+    return SelectionResult(
+        medoids=ints("medoids"),
+        assignment=ints("assignment"),
+        cluster_sizes=ints("cluster_sizes"),
+        dropped=ints("dropped"),
+        kept=ints("kept"),
+        per_class={int(label): dict(info) for label, info in data["per_class"]},
+        seconds=float(data["seconds"]),
+    )
+
+
 class EpicCallback(TrainerCallback):
     """Run EPIC selection rounds during training and restrict later epochs to the kept rows.
 
     At the beginning of every scheduled epoch (after ``epic_start_epoch`` completed epochs, then every
     ``epic_interval`` epochs, before ``epic_stop_epoch``), it embeds every training row (dropped rows
     included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
-    mode, gathers the embeddings of all processes, lets rank 0 select the isolated rows
-    (:meth:`select_rows`), limits them to ``epic_max_drop_fraction`` of each class (a class always
-    keeps a row), broadcasts them, and removes them from the training sampler. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
+    mode, gathers the embeddings of all processes, selects the isolated rows (with several processes
+    each selects its share of the classes and the results are merged; an overridden
+    :meth:`select_rows` runs on rank 0 and is broadcast), limits them to ``epic_max_drop_fraction``
+    of each class (a class always keeps a row), and removes them from the training sampler. With
+    ``epic_embedding_source="training_pass"`` (``EpicTrainer`` only) the embeddings are recorded from
+    the training forward passes of the epoch before the round instead of an extra pass. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
     ``epic_state.json`` in each checkpoint and in ``output_dir``.
 
     Args:
@@ -164,6 +203,16 @@ class EpicCallback(TrainerCallback):
         self._prepared = False
         self._restored = False
         self._state_source: str | None = None
+        self.eval_passes = 0  # eval-mode embedding passes run (all rows or a few), for tests and logs
+        self._recording = False
+        self._recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hook: Any = None
+        self._store: torch.Tensor | None = None  # last recorded embedding of every row (training pass)
+        self._store_losses: torch.Tensor | None = None
+        self._stored: torch.Tensor | None = None
+        self._device_labels: torch.Tensor | None = None  # labels where the training batches are
+        self._recorded_counts: tuple[int, int] | None = None  # (distinct rows, row copies) of the last round
 
     # ----------------------------------------------------------------- public API
 
@@ -187,7 +236,9 @@ class EpicCallback(TrainerCallback):
         """Choose the rows to drop newly this round (override for other defenses).
 
         The default runs :func:`hf_epic.selection.find_isolated` over all rows and returns the
-        isolated rows not dropped before. Runs on rank 0 only; the result is broadcast.
+        isolated rows not dropped before. With several processes the built-in selection is spread
+        over them by class (this method is not called); an override runs on rank 0 only and its
+        result is broadcast.
 
         Args:
             embeddings: float32 ``(N, D)`` gradient embeddings of every row, in row order.
@@ -200,19 +251,7 @@ class EpicCallback(TrainerCallback):
         """
         from .selection import find_isolated
 
-        s = self.settings
-        assert s is not None
-        result = find_isolated(
-            embeddings,
-            labels,
-            s["epic_fraction"],
-            metric=s["epic_metric"],
-            greedy=s["epic_greedy"],
-            cluster_threshold=s["epic_cluster_threshold"],
-            seed=self.seed + len(self.state.rounds) if self.state is not None else self.seed,
-            epsilon=s["epic_stochastic_epsilon"],
-            memory_budget_mb=s["epic_memory_budget_mb"],
-        )
+        result = find_isolated(embeddings, labels, **self._selection_kwargs())
         self.last_selection = result
         dropped = torch.as_tensor(result.dropped, dtype=torch.long)
         return dropped[~torch.isin(dropped, already_dropped)]
@@ -284,6 +323,12 @@ class EpicCallback(TrainerCallback):
             return
         if self.train_dataset is None:
             self.train_dataset = train_dataset
+        if self.settings["epic_embedding_source"] == "training_pass" and self.trainer is None:
+            raise ValueError(
+                "epic_embedding_source='training_pass' records embeddings in the trainer's forward pass, which "
+                "a callback on a plain Trainer cannot see; use hf_epic.EpicTrainer, or "
+                "epic_embedding_source='eval_pass' with EpicCallback."
+            )
         check_train_dataset(self.train_dataset)
         self.label_column = find_label_column(self.train_dataset)
         self.labels = read_labels(self.train_dataset, self.label_column)
@@ -353,12 +398,16 @@ class EpicCallback(TrainerCallback):
             self.run_round(args, state, kwargs.get("model"), epoch)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        last_epoch = epoch + 1 >= (state.num_train_epochs or epoch + 2)  # no round after the last epoch
+        if self._records_training_pass() and self.is_round_epoch(epoch + 1) and not last_epoch:
+            self.start_recording(kwargs.get("model"))
         return control
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ):
         """Record the global step at which the epoch ended."""
+        self.stop_recording()
         if self.state is not None:
             if len(self.state.epoch_end_steps) <= self._epoch:
                 self.state.epoch_end_steps.append(int(state.global_step))
@@ -377,11 +426,16 @@ class EpicCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ):
         """Write ``epic_state.json`` into ``output_dir``."""
+        self.stop_recording()
         if self.state is not None and args.should_save:
             self.state.save(os.path.join(args.output_dir, STATE_FILE_NAME))
         return control
 
     # ----------------------------------------------------------------- the round
+
+    def _records_training_pass(self) -> bool:
+        s = self.settings
+        return bool(s is not None and s["epic_enabled"] and s["epic_embedding_source"] == "training_pass")
 
     def _json_config(self) -> dict[str, Any]:
         return dict(self.settings or {})
@@ -397,45 +451,15 @@ class EpicCallback(TrainerCallback):
             model: The (unwrapped) model.
             epoch: Number of completed epochs.
         """
-        from accelerate.utils import broadcast_object_list
-
         assert self.settings is not None and self.state is not None and self.labels is not None
-        s = self.settings
         rank, world = _distributed()
-        dataset = self._embedding_view
-        if dataset is None:
-            view = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
-            dataset = _model_view(view, model, args)
-        batch_size = s["epic_embedding_batch_size"] or max(args.per_device_eval_batch_size, 256)
-        show = rank == 0 and not args.disable_tqdm
-        on_gpu = next(model.parameters()).device.type != "cpu"
-        emb = compute_gradient_embeddings(
-            model,
-            dataset,
-            self.labels,
-            kind=s["epic_embedding"],
-            batch_size=batch_size,
-            show_progress=show,
-            num_workers=args.dataloader_num_workers,
-            collate_fn=self.collate_fn,
-            pin_memory=bool(args.dataloader_pin_memory and on_gpu),
-        )
+        emb, eval_pass_rows = self._round_embeddings(args, model)
         already = torch.as_tensor(self.state.dropped, dtype=torch.long)
-        payload: list[Any] = [None]
-        if rank == 0:
-            start = time.perf_counter()
-            newly = torch.as_tensor(self.select_rows(emb.embeddings, emb.labels, emb.losses, already))
-            newly = torch.unique(newly.to(torch.long).flatten())
-            newly = newly[~torch.isin(newly, already)]
-            if newly.numel() and (newly[0] < 0 or newly[-1] >= self.state.num_rows):
-                raise ValueError(f"select_rows returned row positions outside [0, {self.state.num_rows}).")
-            newly, capped = self._apply_cap(newly, already, emb.losses)
-            payload = [{"newly": newly.tolist(), "capped": capped, "seconds": time.perf_counter() - start}]
-        if world > 1:
-            payload = broadcast_object_list(payload, from_process=0)
+        payload = self._select(emb, already, rank, world)
         newly_list: list[int] = payload[0]["newly"]
         capped_per_class: dict[str, int] = payload[0]["capped"]
         selection_seconds = float(payload[0]["seconds"])
+        classes_per_rank: list[list[int]] = payload[0]["classes_per_rank"]
         newly_t = torch.as_tensor(newly_list, dtype=torch.long)
         dropped = sorted(set(self.state.dropped) | set(newly_list))
         per_class: dict[str, int] = {}
@@ -457,6 +481,11 @@ class EpicCallback(TrainerCallback):
             "clean_dropped_total": None,
             "dropped_share_per_class": {c: round(v, 4) for c, v in shares.items()},
             "capped_per_class": capped_per_class,
+            "embedding_source": self.settings["epic_embedding_source"],
+            "eval_pass_rows": eval_pass_rows,
+            "recorded_rows": self._recorded_counts[0] if self._recorded_counts else None,
+            "recorded_row_copies": self._recorded_counts[1] if self._recorded_counts else None,
+            "selection_classes_per_rank": classes_per_rank,
             "embedding_seconds": round(emb.seconds, 4),
             "selection_seconds": round(selection_seconds, 4),
         }
@@ -474,12 +503,259 @@ class EpicCallback(TrainerCallback):
         self.state.rounds.append(record)
         if self.sampler is not None:
             self.sampler.set_kept(self.state.kept)
-        if s["epic_save_embeddings"] and rank == 0:
+        if self.settings["epic_save_embeddings"] and rank == 0:
             self._save_embeddings(args, record, emb.embeddings, already, newly_t)
         self._log(args, state, record)
         if rank == 0:
             self._warn_about_shares(record, share_before, shares)
         return record
+
+    def _round_embeddings(self, args: TrainingArguments, model: Any) -> tuple[EmbeddingResult, int]:
+        """The embeddings of every row for this round, and how many rows an eval pass embedded.
+
+        ``eval_pass``: one eval-mode pass over all rows. ``training_pass``: the rows recorded during the
+        previous epoch (gathered from every process); dropped rows reuse their last recorded embedding;
+        rows with none (kept rows that epoch did not train on, or any row before its first recording) are
+        embedded by an eval pass over just them.
+        """
+        assert self.settings is not None and self.state is not None and self.labels is not None
+        s = self.settings
+        n = self.state.num_rows
+        if s["epic_embedding_source"] != "training_pass":
+            self._recorded_counts = None
+            return self.embedding_pass(args, model, None), n
+        start = time.perf_counter()
+        self.stop_recording()
+        local = self._recorded
+        if local:
+            rows_l = torch.cat([r for r, _, _ in local])
+            emb_l = torch.cat([e for _, e, _ in local])
+            loss_l = torch.cat([loss for _, _, loss in local])
+        else:
+            rows_l, emb_l, loss_l = torch.zeros(0, dtype=torch.long), torch.zeros(0, 0), torch.zeros(0)
+        self._recorded = []
+        copies = len(rows_l)
+        _, world = _distributed()
+        if world > 1:
+            from accelerate.state import PartialState
+            from accelerate.utils import gather
+
+            copies = int(gather(torch.tensor([copies], device=PartialState().device)).sum())
+        rows, emb, losses = gather_rows(rows_l, emb_l, loss_l)
+        self._recorded_counts = (int(len(rows)), copies)
+        seen = torch.zeros(n, dtype=torch.bool)
+        seen[rows] = True
+        if len(rows):
+            self._keep_embeddings(rows, emb, losses)
+        dropped = torch.zeros(n, dtype=torch.bool)
+        dropped[torch.as_tensor(self.state.dropped, dtype=torch.long)] = True
+        stored = self._stored if self._stored is not None else torch.zeros(n, dtype=torch.bool)
+        missing_rows = (((~dropped) & (~seen)) | (dropped & ~stored)).nonzero().flatten()
+        if len(missing_rows):
+            if len(rows):
+                logger.info(
+                    "EPIC training-pass embeddings: %d row(s) have no recorded embedding (not trained on in the "
+                    "last epoch, or never recorded); an eval pass embeds them.",
+                    len(missing_rows),
+                )
+            else:
+                logger.warning(
+                    "EPIC recorded no training-pass embeddings in the epoch before this round (a resume at an "
+                    "epoch end, or a training set without a length); an eval pass embeds all %d rows.",
+                    len(missing_rows),
+                )
+            extra = self.embedding_pass(args, model, missing_rows)
+            self._keep_embeddings(extra.rows, extra.embeddings, extra.losses)
+        assert self._store is not None and self._store_losses is not None
+        result = EmbeddingResult(
+            rows=torch.arange(n, dtype=torch.long),
+            embeddings=self._store.clone(),
+            labels=self.labels.clone(),
+            losses=self._store_losses.clone(),
+            seconds=time.perf_counter() - start,
+        )
+        return result, int(len(missing_rows))
+
+    def _keep_embeddings(self, rows: torch.Tensor, embeddings: torch.Tensor, losses: torch.Tensor) -> None:
+        """Store the latest embedding and loss of ``rows`` (the store restarts if the width changes)."""
+        assert self.state is not None
+        n, width = self.state.num_rows, int(embeddings.shape[1])
+        if self._store is None or self._store.shape[1] != width:
+            self._store = torch.zeros(n, width)
+            self._store_losses = torch.zeros(n)
+            self._stored = torch.zeros(n, dtype=torch.bool)
+        assert self._store_losses is not None and self._stored is not None
+        self._store[rows] = embeddings.float()
+        self._store_losses[rows] = losses.float()
+        self._stored[rows] = True
+
+    def embedding_pass(
+        self, args: TrainingArguments, model: Any, rows: torch.Tensor | None = None
+    ) -> EmbeddingResult:
+        """Embed ``rows`` (None: every row) in an eval-mode pass, loaded as ``Trainer.evaluate`` loads rows.
+
+        The batch size is ``epic_embedding_batch_size`` or ``per_device_eval_batch_size``; workers,
+        pin memory, prefetch and the data collator are the trainer's; the forward runs in the trainer's
+        autocast context. Call after :meth:`prepare`. Every process must call it (the rows are sharded
+        and gathered).
+
+        Args:
+            args: The trainer's arguments.
+            model: The (unwrapped) model.
+            rows: Row positions to embed.
+        """
+        assert self.settings is not None and self.labels is not None
+        s = self.settings
+        rank, _ = _distributed()
+        dataset = self._embedding_view
+        if dataset is None:
+            view = self.embedding_dataset if self.embedding_dataset is not None else self.train_dataset
+            dataset = _model_view(view, model, args)
+        on_gpu = next(model.parameters()).device.type != "cpu"
+        loader_options: dict[str, Any] = {
+            "prefetch_factor": args.dataloader_prefetch_factor,
+            "persistent_workers": False,  # the pass builds its own loader each round
+            "multiprocessing_context": args.dataloader_multiprocessing_context,
+        }
+        trainer = self.trainer
+        self.eval_passes += 1
+        return compute_gradient_embeddings(
+            model,
+            dataset,
+            self.labels,
+            kind=s["epic_embedding"],
+            batch_size=s["epic_embedding_batch_size"] or args.per_device_eval_batch_size,
+            show_progress=rank == 0 and not args.disable_tqdm,
+            num_workers=args.dataloader_num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=bool(args.dataloader_pin_memory and on_gpu),
+            rows=rows,
+            loader_options=loader_options,
+            forward_context=trainer.autocast_smart_context_manager if trainer is not None else None,
+        )
+
+    def _select(
+        self, emb: EmbeddingResult, already: torch.Tensor, rank: int, world: int
+    ) -> list[dict[str, Any]]:
+        """Select this round's new drops; every rank returns the identical ``[payload]``.
+
+        With several processes and the built-in EPIC selection, each rank selects its share of the
+        classes (:func:`~hf_epic.selection.partition_classes`, balanced by rows), the results are
+        gathered in memory and merged (:func:`~hf_epic.selection.merge_results`): the same drops as one
+        process. An overridden :meth:`select_rows` runs on rank 0 and its result is broadcast.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        assert self.settings is not None and self.state is not None and self.labels is not None
+        all_classes = sorted(set(self.labels.tolist()))
+        start = time.perf_counter()
+        builtin = getattr(self.select_rows, "__func__", None) is EpicCallback.select_rows  # not overridden
+        if world > 1 and builtin:
+            from .selection import find_isolated, merge_results, partition_classes
+
+            parts = partition_classes(emb.labels, world)
+            mine = find_isolated(emb.embeddings, emb.labels, classes=parts[rank], **self._selection_kwargs())
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, _result_to_json(mine))
+            merged = merge_results([_result_from_json(r) for r in gathered])
+            self.last_selection = merged
+            newly = merged.dropped[~torch.isin(merged.dropped, already)]
+            newly, capped = self._apply_cap(newly, already, emb.losses)
+            seconds = max(float(r["seconds"]) for r in gathered) + (
+                time.perf_counter() - start - mine.seconds
+            )
+            return [
+                {"newly": newly.tolist(), "capped": capped, "seconds": seconds, "classes_per_rank": parts}
+            ]
+        payload: list[Any] = [None]
+        if rank == 0:
+            newly = torch.as_tensor(self.select_rows(emb.embeddings, emb.labels, emb.losses, already))
+            newly = torch.unique(newly.to(torch.long).flatten())
+            newly = newly[~torch.isin(newly, already)]
+            if newly.numel() and (newly[0] < 0 or newly[-1] >= self.state.num_rows):
+                raise ValueError(f"select_rows returned row positions outside [0, {self.state.num_rows}).")
+            newly, capped = self._apply_cap(newly, already, emb.losses)
+            parts = [all_classes] + [[] for _ in range(world - 1)]
+            payload = [
+                {
+                    "newly": newly.tolist(),
+                    "capped": capped,
+                    "seconds": time.perf_counter() - start,
+                    "classes_per_rank": parts,
+                }
+            ]
+        if world > 1:
+            payload = broadcast_object_list(payload, from_process=0)
+        return payload
+
+    def _selection_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~hf_epic.selection.find_isolated` for this round."""
+        s = self.settings
+        assert s is not None
+        return {
+            "fraction": s["epic_fraction"],
+            "metric": s["epic_metric"],
+            "greedy": s["epic_greedy"],
+            "cluster_threshold": s["epic_cluster_threshold"],
+            "seed": self.seed + len(self.state.rounds) if self.state is not None else self.seed,
+            "epsilon": s["epic_stochastic_epsilon"],
+            "memory_budget_mb": s["epic_memory_budget_mb"],
+        }
+
+    # ----------------------------------------------------------------- training-pass recording
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current epoch records training-pass embeddings (the epoch before a round)."""
+        return self._recording
+
+    def start_recording(self, model: Any) -> None:
+        """Record the embeddings of the rows the training forward passes see, until :meth:`stop_recording`."""
+        assert self.settings is not None
+        self.stop_recording()
+        self._recorded = []
+        self._captured = {}
+        self._device_labels = None
+        if self.settings["epic_embedding"] == "last_layer_grad":
+            classifier = find_classifier(model)
+            captured = self._captured
+
+            def hook(_module: Any, inputs: tuple) -> None:
+                captured["h"] = inputs[0]
+
+            self._hook = classifier.register_forward_pre_hook(hook)
+        self._recording = True
+
+    def stop_recording(self) -> None:
+        """Stop recording (the rows recorded so far are kept for the next round)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._recording = False
+
+    def record_training_batch(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record the embeddings of one training micro-batch from its forward pass.
+
+        Args:
+            rows: int64 row positions of the batch's rows (in the training set), in batch order.
+            logits: ``(B, C)`` logits of the training forward pass (penultimate features for
+                ``last_layer_grad`` come from the classifier's pre-hook set by :meth:`start_recording`).
+        """
+        if not self._recording:
+            return
+        assert self.settings is not None and self.labels is not None
+        kind = self.settings["epic_embedding"]
+        rows = rows.detach().to(torch.long).flatten()
+        if self._device_labels is None or self._device_labels.device != rows.device:
+            self._device_labels = self.labels.to(rows.device)
+        labels = self._device_labels[rows]
+        features = self._captured.pop("h", None)
+        with torch.no_grad():
+            # Up to 128 classes the embeddings stay on the accelerator until the round (no synchronisation
+            # per step); wider ones (many classes, last-layer embeddings) go to the CPU at once.
+            wide = kind == "last_layer_grad" or logits.shape[-1] > 128
+            g, losses = gradient_embedding(logits, labels, kind, features, to_cpu=wide)
+        self._recorded.append((rows.to(g.device), g, losses))
 
     def _class_shares(self, dropped: list[int]) -> dict[str, float]:
         """Share of each class's rows among ``dropped`` (every class of the training set, by label)."""
@@ -583,6 +859,7 @@ class EpicCallback(TrainerCallback):
             "epic/max_class_dropped_share": max(record["dropped_share_per_class"].values(), default=0.0),
             "epic/capped": sum(record["capped_per_class"].values()),
             "epic/embedding_seconds": record["embedding_seconds"],
+            "epic/eval_pass_rows": record["eval_pass_rows"],
             "epic/selection_seconds": record["selection_seconds"],
         }
         if record["poisons_dropped"] is not None:

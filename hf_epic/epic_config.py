@@ -14,6 +14,7 @@ __all__ = ["EpicConfig", "default_epic_settings", "validate_epic_settings"]
 GREEDY_CHOICES = ("lazy", "stochastic")
 METRIC_CHOICES = ("euclidean", "cosine")
 EMBEDDING_CHOICES = ("logits_grad", "last_layer_grad")
+EMBEDDING_SOURCE_CHOICES = ("eval_pass", "training_pass")
 
 
 def _bad(name: str, value: Any, need: str, fix: str) -> ValueError:
@@ -133,6 +134,12 @@ def validate_epic_settings(values: Mapping[str, Any]) -> dict[str, Any]:
         EMBEDDING_CHOICES,
         "Use 'logits_grad' (the reference's) or 'last_layer_grad'.",
     )
+    out["epic_embedding_source"] = _as_choice(
+        "epic_embedding_source",
+        values["epic_embedding_source"],
+        EMBEDDING_SOURCE_CHOICES,
+        "Use 'eval_pass' (default, the reference's) or 'training_pass'.",
+    )
     if out["epic_cluster_threshold"] < 1:
         raise _bad(
             "epic_cluster_threshold",
@@ -232,7 +239,19 @@ class EpicConfig(TrainingArguments):
     epic_embedding_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Batch size of the embedding pass (None: the larger of per_device_eval_batch_size and 256)."
+            "help": "Batch size of the embedding pass (None: per_device_eval_batch_size, as Trainer.evaluate)."
+        },
+    )
+    epic_embedding_source: str = field(
+        default="eval_pass",
+        metadata={
+            "help": "Where a round's embeddings come from. 'eval_pass' (the reference's): an extra eval-mode, "
+            "un-augmented pass over every row before the round. 'training_pass': recorded from the forward "
+            "pass the Trainer already runs in the epoch before a round (needs EpicTrainer), so a round costs "
+            "selection only; the embeddings then come from train mode (dropout, the training transform) and "
+            "from weights that change during that epoch. Dropped rows, which that epoch never sees, keep "
+            "their last recorded embedding; kept rows the epoch did not see (a resume mid-epoch, "
+            "dataloader_drop_last) are embedded by an eval pass over just them. Off by default until measured."
         },
     )
     epic_save_embeddings: bool = field(

@@ -19,12 +19,14 @@ from .epic_config import EpicConfig
 from .state import STATE_FILE_NAME, EpicState
 from .validation import check_train_dataset
 
-__all__ = ["ORIGINAL_ROW_COLUMN", "EpicTrainer"]
+__all__ = ["ORIGINAL_ROW_COLUMN", "ROW_INDEX_KEY", "EpicTrainer"]
 
 logger = logging.getLogger(__name__)
 
 MODEL_TAGS = ["hf-epic", "epic", "data-poisoning-defense"]
 ORIGINAL_ROW_COLUMN = "epic_original_row"
+# Batch key carrying each training row's position, added in training-pass mode and removed before the forward.
+ROW_INDEX_KEY = "epic_row_index"
 # Trainer internals EpicTrainer overrides to keep step counts right on a shrinking set (tested: 5.24).
 _TRAINER_HOOKS = ("_run_epoch", "set_initial_training_values", "_init_training_state", "_get_train_sampler")
 
@@ -57,6 +59,41 @@ def _refuse_second_epic_callback(callback: Any) -> None:
             "than those training uses. Pass yours as EpicTrainer(..., epic_callback=<your EpicCallback>) instead "
             "of in callbacks / add_callback."
         )
+
+
+class _IndexedRows(torch.utils.data.Dataset):
+    """The training rows, each fetched as ``(position, row)`` so its position reaches the batch."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return int(index), self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, Any]]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        rows = fetch(indices) if fetch is not None else [self.dataset[i] for i in indices]
+        return [(int(i), row) for i, row in zip(indices, rows)]
+
+
+class _RowIndexCollator:
+    """Collate ``(position, row)`` pairs with the trainer's collator and add the positions as ``epic_row_index``."""
+
+    def __init__(self, data_collator: Any) -> None:
+        self.data_collator = data_collator
+
+    def __call__(self, features: list[tuple[int, Any]]) -> Any:
+        batch = self.data_collator([row for _, row in features])
+        if not hasattr(batch, "__setitem__"):
+            raise ValueError(
+                f"the data collator returned a {type(batch).__name__}; epic_embedding_source='training_pass' "
+                "needs a dict of model inputs (as Trainer passes model(**batch))."
+            )
+        batch[ROW_INDEX_KEY] = torch.tensor([i for i, _ in features], dtype=torch.long)
+        return batch
 
 
 def _checkpoint_problem(folder: str, need_epic_state: bool) -> str | None:
@@ -270,6 +307,66 @@ class EpicTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial, **kwargs)
 
     # ----------------------------------------------------------------- data and step counts
+
+    def _records_training_pass(self) -> bool:
+        settings = self.epic_callback.settings
+        return bool(
+            settings is not None
+            and settings["epic_enabled"]
+            and settings["epic_embedding_source"] == "training_pass"
+        )
+
+    def get_train_dataloader(self) -> Any:
+        """As ``Trainer``; in training-pass mode every batch also carries its rows' positions.
+
+        The rows are fetched as ``(position, row)``, collated by the trainer's data collator (after the
+        usual removal of unused columns) and the positions added as ``epic_row_index``, which
+        :meth:`compute_loss` removes before the forward pass.
+        """
+        dataset = self.train_dataset
+        if (
+            not self._records_training_pass()
+            or dataset is None
+            or isinstance(dataset, torch.utils.data.IterableDataset)
+            or not hasattr(dataset, "__len__")
+        ):
+            return super().get_train_dataloader()
+        collator = self.data_collator
+        if _is_hf_dataset(dataset):
+            dataset = self._remove_unused_columns(dataset, description="Training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="Training")
+        # Trainer wraps the collator of a non-datasets.Dataset in RemoveColumnsCollator, which leaves the
+        # (position, row) pairs alone; ours, inside it, collates the rows and adds the positions.
+        original = self.data_collator
+        self.data_collator = _RowIndexCollator(collator)
+        try:
+            return self._get_dataloader(
+                dataset=_IndexedRows(dataset),
+                description="Training",
+                batch_size=self._train_batch_size,
+                sampler_fn=self._get_train_sampler,
+                is_training=True,
+            )
+        finally:
+            self.data_collator = original
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """As ``Trainer``; in the epoch before a training-pass round, also record the batch's embeddings."""
+        rows = inputs.pop(ROW_INDEX_KEY, None) if hasattr(inputs, "pop") else None
+        if rows is None or not self.epic_callback.recording or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from .embeddings import extract_logits
+
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        self.epic_callback.record_training_batch(rows, extract_logits(outputs))
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """Iterate the kept rows, shuffled from seed + epoch."""

@@ -7,13 +7,18 @@ This module is pure torch (no Hugging Face imports). It implements steps 2-4 of 
 The math
 --------
 For every class ``c`` with ``n_c`` examples, let ``V`` be the class's rows. The similarity
-between two rows is
+between two rows is a registered kernel (:mod:`hf_epic.kernels`; ``metric`` names it,
+:func:`available_kernels` lists the names), with ``s(i, i) = 1`` and ``s <= 1``:
 
 * ``metric="euclidean"`` (the EPIC reference kernel, submodlib's dense "euclidean"):
   ``s(i, j) = exp(-||g_i - g_j||_2 / D)`` with ``D`` the embedding dimension, so
-  ``s`` lies in ``(0, 1]`` and ``s(i, i) = 1``;
+  ``s`` lies in ``(0, 1]``;
 * ``metric="cosine"``: ``s(i, j) = <g_i, g_j> / (||g_i|| ||g_j||)`` (0 when a vector is
-  zero), with ``s(i, i) = 1``.
+  zero).
+
+A *distance-based* kernel, ``s(i, j) = f(||g_i - g_j||)`` with ``f`` decreasing (euclidean is
+one), also gives the pruning bounds of the triangle inequality used below: a row whose best
+similarity is ``cur`` gains only from candidates nearer than ``f^{-1}(cur)``.
 
 The facility-location function of a set of medoids ``S`` is
 
@@ -45,7 +50,8 @@ Optimisers
     euclidean kernel a row can only affect candidates with ``s(i, c) > o_i``, and by the
     triangle inequality those satisfy ``s(c, j*) > o_i * n_i``; only that block of the
     kernel is touched (rows are grouped by their threshold, each group against its own
-    candidate set). Gains are exact (see below), so the medoids are identical to
+    candidate set); any distance-based kernel has the same bound,
+    ``s(c, j*) > f(f^{-1}(o_i) + f^{-1}(n_i))``. Gains are exact (see below), so the medoids are identical to
     ``"naive"``'s, ties included.
 ``greedy="stochastic"``
     Stochastic greedy (Mirzasoleiman et al., AAAI 2015): each step draws, without
@@ -71,7 +77,7 @@ symmetric: upper-triangular tiles are computed and mirrored) only if it fits
 * exact greedy (and cosine, and a GPU): the rows and blocks the greedy needs are recomputed
   from the embeddings in tiles that fit the budget, ``O(n_c^2)`` kernel evaluations per pass
   (a class of 20,000 rows takes seconds on a CPU; one of 200,000 about a quarter of an hour);
-* stochastic greedy, euclidean metric, on the CPU, classes of at least 12,000 rows: the rows
+* stochastic greedy, a distance-based kernel, on the CPU, classes of at least 12,000 rows: the rows
   are grouped into small cells and every gain or update touches only the cells that can
   contribute (:mod:`hf_epic.cells`), with the dense path's results for the same seed; a class
   of 200,000 rows at fraction 0.1 takes about a minute on one CPU core.
@@ -96,7 +102,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,12 +110,29 @@ import numpy as np
 import torch
 
 from hf_epic.cells import FreeSampler, greedy_stochastic_cells
+from hf_epic.kernels import (
+    KERNELS,
+    DistanceKernel,
+    SimilarityKernel,
+    available_kernels,
+    get_kernel,
+    register_kernel,
+)
 
-__all__ = ["SelectionResult", "find_isolated", "similarity_kernel"]
+__all__ = [
+    "KERNELS",
+    "SelectionResult",
+    "SimilarityKernel",
+    "available_kernels",
+    "find_isolated",
+    "merge_results",
+    "partition_classes",
+    "register_kernel",
+    "similarity_kernel",
+]
 
 logger = logging.getLogger(__name__)
 
-_METRICS = ("euclidean", "cosine")
 _GREEDY = ("lazy", "naive", "stochastic")
 # Relative safety margin on the triangle-inequality pruning threshold (float32 rounding of
 # similarities is ~1e-7 relative; this is two orders of magnitude above it).
@@ -131,10 +154,11 @@ class SelectionResult:
     Attributes:
         medoids: Row positions of the selected medoids, class by class (classes in sorted
             label order), each class's medoids in greedy order.
-        assignment: For every row, the row position of the medoid it is assigned to.
+        assignment: For every row, the row position of the medoid it is assigned to (-1 for
+            rows of classes left out by ``find_isolated(classes=...)``).
         cluster_sizes: Number of rows assigned to each medoid, same order as ``medoids``.
         dropped: Sorted row positions of the rows in clusters of size ``<= cluster_threshold``.
-        kept: Sorted row positions of all other rows.
+        kept: Sorted row positions of all other rows (of the selected classes).
         per_class: ``label -> {"n": rows, "budget": medoids, "num_dropped": dropped rows}``.
         seconds: Wall-clock time spent in :func:`find_isolated`.
     """
@@ -216,8 +240,7 @@ def _check_inputs(
             f"fraction must be in (0, 1] (the share of each class kept as medoids), got {fraction!r}; "
             "EPIC uses 0.1, 0.2 or 0.3."
         )
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    get_kernel(metric)  # raises on an unknown name
     if greedy not in _GREEDY:
         raise ValueError(f"unknown greedy {greedy!r}; choose one of {', '.join(_GREEDY)}.")
     if isinstance(cluster_threshold, bool) or not isinstance(cluster_threshold, (int, np.integer)):
@@ -285,7 +308,7 @@ class _Kernel:
 
     Args:
         x: The class's embeddings (rows x D), any float dtype, on the compute device.
-        metric: ``"euclidean"`` or ``"cosine"``.
+        metric: A registered kernel's name (:func:`hf_epic.kernels.available_kernels`) or a kernel.
         budget_bytes: Memory the kernel may use.
         workspace: A one-element list holding a float32 buffer to build the dense kernel in
             (grown and replaced when too small), so that consecutive classes reuse memory
@@ -293,27 +316,22 @@ class _Kernel:
     """
 
     def __init__(
-        self, x: torch.Tensor, metric: str, budget_bytes: int, workspace: list[torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        metric: str | SimilarityKernel,
+        budget_bytes: int,
+        workspace: list[torch.Tensor] | None = None,
     ) -> None:
-        self.metric = metric
+        self.sim = get_kernel(metric)
+        self.metric = self.sim.name
         self.n = int(x.shape[0])
         self.device = x.device
+        self.dim = int(x.shape[1])
         self.inv_dim = 1.0 / x.shape[1]
         # float64 distances where cheap (small D); float32 matmul for wide embeddings
         self.work_dtype = torch.float64 if x.shape[1] <= 64 else torch.float32
-        x = x.to(torch.float64)
-        if metric == "euclidean":
-            x = x - x.mean(dim=0, keepdim=True)
-            sq = (x * x).sum(dim=1)
-            self.sq = sq.to(self.work_dtype)
-            # every distance is at most twice the largest norm; if all similarities are then
-            # >= 0.5, float32 already holds them as multiples of 2**-24
-            self.needs_rounding = math.exp(-2.0 * math.sqrt(float(sq.max())) * self.inv_dim * 1.001) < 0.5
-        else:
-            self.needs_rounding = True
-            norms = x.norm(dim=1, keepdim=True)
-            x = torch.where(norms > 0, x / norms.clamp_min(1e-300), torch.zeros_like(x))
-            self.sq = None
+        x, sq, self.needs_rounding = self.sim.prepare(x.to(torch.float64))
+        self.sq = None if sq is None else sq.to(self.work_dtype)
         self.x = x.to(self.work_dtype)
         self.xt = self.x.T.contiguous()
         self.tile_rows, self.dense = _tile_plan(
@@ -357,25 +375,12 @@ class _Kernel:
         """Similarities s(rows, cols) computed from the embeddings (float32, quantised)."""
         xa = self.x[rows]
         xbt = self.xt if cols is None else self.xt[:, cols]
-        if self.metric == "euclidean":
-            sqb = self.sq if cols is None else self.sq[cols]
-            d2 = torch.add(self.sq[rows][:, None], sqb[None, :])
-            d2 = torch.addmm(d2, xa, xbt, beta=1.0, alpha=-2.0)
-            d2 = d2.clamp_min_(0.0)
-            if out is None:
-                out = d2.to(torch.float32)
-            else:
-                out.copy_(d2)
-            out.sqrt_().mul_(-self.inv_dim).exp_()
-            if self.needs_rounding:
-                out.mul_(_QUANTUM).round_().div_(_QUANTUM)
-            return out
-        sims = torch.mm(xa, xbt).clamp_(-1.0, 1.0)
-        if out is None:
-            out = sims.to(torch.float32)
-        else:
-            out.copy_(sims)
-        return out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+        sqa = None if self.sq is None else self.sq[rows]
+        sqb = self.sq if self.sq is None or cols is None else self.sq[cols]
+        out = self.sim.tile(xa, xbt, sqa, sqb, self.dim, out)
+        if self.needs_rounding:
+            out.mul_(_QUANTUM).round_().div_(_QUANTUM)
+        return out
 
     def column(self, j: int) -> torch.Tensor:
         """s(., j) for all rows of the class (float32, length n, contiguous)."""
@@ -451,11 +456,11 @@ def similarity_kernel(embeddings: torch.Tensor | np.ndarray, metric: str = "eucl
 
     Args:
         embeddings: Rows x D embeddings of one class.
-        metric: ``"euclidean"`` (``exp(-||a - b|| / D)``) or ``"cosine"``.
+        metric: A registered kernel (:func:`available_kernels`), e.g. ``"euclidean"``
+            (``exp(-||a - b|| / D)``) or ``"cosine"``.
     """
     emb = _as_tensor(embeddings, "embeddings")
-    if metric not in _METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(_METRICS)}.")
+    get_kernel(metric)  # raises on an unknown name
     n = int(emb.shape[0])
     return _Kernel(emb, metric, budget_bytes=8 * n * n + (1 << 24)).matrix
 
@@ -508,8 +513,9 @@ def _update_gains(
     m = int(rows.numel())
     span = new - old  # exact: multiples of 2**-24 in [0, 1]
     pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
-    if kernel.metric == "euclidean" and m * n > _SMALL_BLOCK:
-        thr = old * new * (1.0 - _PRUNE_MARGIN)
+    sim = kernel.sim
+    if isinstance(sim, DistanceKernel) and m * n > _SMALL_BLOCK:
+        thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
         groups = 4 if m * n > 8 * _SMALL_BLOCK and m >= 16 else 1
         if groups > 1:
             thr, by_thr = torch.sort(thr, descending=True)
@@ -564,7 +570,7 @@ def _greedy_incremental(
     matrix = kernel.matrix
     # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
     cur = torch.zeros(n, dtype=torch.float32, device=dev)
-    gains = kernel.column_sums(lower=cur if kernel.metric == "cosine" else None)
+    gains = kernel.column_sums(lower=None if kernel.sim.nonnegative else cur)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     sampler = FreeSampler(n, generator) if generator is not None else None
     order: list[int] = []
@@ -594,7 +600,7 @@ def _greedy_incremental(
             piece = matrix.index_select(0, upd)
             piece.sub_(old[:, None]).clamp_min_(0.0)
             gains -= torch.minimum(piece, (new - old)[:, None], out=piece).sum(dim=0)
-        elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+        elif m == n and len(order) == 1 and kernel.sim.nonnegative:
             # the first medoid changes every row (cur was 0 < s): sum_i min(s(i, c), new_i)
             # over contiguous tiles, without gathering rows
             gains -= kernel.column_sums(upper=new)
@@ -627,7 +633,7 @@ class _DenseSteps:
         self.budget = budget
         # F(S) clips at 0: cur starts at 0, so a candidate's first gain is its column sum of max(0, s)
         self.cur = torch.zeros(n, dtype=torch.float32)
-        self.gains = kernel.column_sums(lower=self.cur if kernel.metric == "cosine" else None)
+        self.gains = kernel.column_sums(lower=None if kernel.sim.nonnegative else self.cur)
         self.assign = torch.full((n,), -1, dtype=torch.int64)
         self.order: list[int] = []
 
@@ -660,7 +666,7 @@ class _DenseSteps:
                 np.maximum(piece, 0.0, out=piece)
                 np.minimum(piece, (new - old)[:, None], out=piece)
                 g -= piece.sum(axis=0)
-            elif m == n and len(order) == 1 and kernel.metric == "euclidean":
+            elif m == n and len(order) == 1 and kernel.sim.nonnegative:
                 gains -= kernel.column_sums(upper=torch.from_numpy(new))
             else:
                 rows, old_t, new_t = torch.from_numpy(upd), torch.from_numpy(old), torch.from_numpy(new)
@@ -702,14 +708,13 @@ def _select_class(
     ``steps``: exact greedy already started on this kernel (:func:`_start_class`), resumed here.
     """
     n = kernel.n
-    metric = kernel.metric
     cpu = kernel.device.type == "cpu"
     budget = class_budget(fraction, n)
     # stochastic greedy on a large class without a dense kernel, on the CPU: prune with cells
     # (hf_epic.cells); below _CELLS_MIN_ROWS, and for exact greedy at any size, the tiled
     # incremental path is faster (measured: 0.9 vs 1.6 s at 8,000 rows; exact greedy 5.7 vs
     # 11.4 s at 20,000 rows)
-    cells = metric == "euclidean" and kernel.matrix is None and cpu and n >= _CELLS_MIN_ROWS
+    cells = kernel.sim.distance_based and kernel.matrix is None and cpu and n >= _CELLS_MIN_ROWS
     if greedy != "stochastic" and kernel.matrix is None and cpu and n >= _SLOW_EXACT_ROWS:
         logger.warning(
             "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
@@ -840,6 +845,7 @@ def find_isolated(
     seed: int = 0,
     epsilon: float = 0.01,
     memory_budget_mb: float = 1024,
+    classes: Sequence[int] | None = None,
 ) -> SelectionResult:
     """Finds EPIC's isolated points: rows in small clusters of per-class facility location.
 
@@ -854,7 +860,8 @@ def find_isolated(
             embeddings ``softmax(z) - onehot(y)``.
         labels: ``(N,)`` integer class ids (any values, e.g. ``{3, 7, 100}``).
         fraction: Share of each class selected as medoids, in (0, 1].
-        metric: ``"euclidean"`` (the EPIC reference's kernel) or ``"cosine"``.
+        metric: A registered kernel's name (:func:`available_kernels`): ``"euclidean"`` (the
+            EPIC reference's kernel) or ``"cosine"`` built in.
         greedy: ``"lazy"`` (exact greedy, fast), ``"naive"`` (exact greedy by definition,
             ``O(K n^2)``, for testing) or ``"stochastic"`` (seeded stochastic greedy).
         cluster_threshold: Rows in clusters of at most this many rows are dropped.
@@ -863,13 +870,19 @@ def find_isolated(
             ``ceil((n_c / K_c) log(1 / epsilon))`` candidates.
         memory_budget_mb: The largest similarity matrix (plus tiles) held in memory, in MiB;
             bigger classes are processed in tiles without materialising it.
+        classes: Select only these labels (None: every class). Rows of other classes get
+            assignment -1 and are neither dropped nor kept; each selected class gets the same
+            medoids, assignment and seed as in a call over every class, so the results of
+            disjoint ``classes`` covering every label, combined by :func:`merge_results`, equal
+            that call's (see :func:`partition_classes` to split the classes among processes).
 
     Returns:
         A :class:`SelectionResult`.
 
     Raises:
         ValueError: On NaN/inf embeddings, mismatched shapes, an empty input, non-integer
-            labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold.
+            labels, a fraction outside (0, 1], an unknown metric/greedy, a negative threshold,
+            ``classes`` naming a label that does not occur.
         TypeError: If the inputs are neither torch tensors nor numpy arrays.
     """
     if isinstance(fraction, (int, float)) and fraction >= 1 and cluster_threshold >= 1:
@@ -894,6 +907,7 @@ def find_isolated(
             epsilon,
             memory_budget_mb,
             workers=workers,
+            only=classes,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -910,10 +924,11 @@ def _find_isolated(
     epsilon: float,
     memory_budget_mb: float,
     workers: int = 1,
+    only: Sequence[int] | None = None,
 ) -> SelectionResult:
     """:func:`find_isolated` without the thread setting and timing (same arguments).
 
-    ``workers`` classes are processed concurrently.
+    ``workers`` classes are processed concurrently; ``only`` is ``classes``.
     """
     emb, lab = _check_inputs(
         embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
@@ -924,15 +939,17 @@ def _find_isolated(
     classes, inverse = torch.unique(lab, sorted=True, return_inverse=True)
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=int(classes.numel())).tolist()
+    label_list = [int(v) for v in classes.tolist()]
+    chosen = _chosen_classes(only, label_list)
 
-    assignment = torch.empty(n, dtype=torch.int64, device=dev)
+    assignment = torch.full((n,), -1, dtype=torch.int64, device=dev)
     starts = [0]
     for count in counts[:-1]:
         starts.append(starts[-1] + count)
     # Classes are independent; on a CPU with several threads they run concurrently (each on
     # one intra-op thread) if the largest class's dense kernel fits the budget's share.
-    workers = max(1, min(workers, len(counts)))
-    if workers > 1 and not _tile_plan(max(counts), budget_bytes // workers)[1]:
+    workers = max(1, min(workers, len(chosen)))
+    if workers > 1 and not _tile_plan(max(counts[k] for k in chosen), budget_bytes // workers)[1]:
         workers = 1
     share = budget_bytes // workers
 
@@ -948,7 +965,7 @@ def _find_isolated(
         med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share, steps)
         return rows[med], rows[assign]
 
-    by_size = sorted(range(len(counts)), key=lambda k: -counts[k])  # largest first
+    by_size = sorted(chosen, key=lambda k: -counts[k])  # largest first
     if workers > 1:
         done = _scheduled(by_size, build, finish, workers)
     else:
@@ -956,20 +973,22 @@ def _find_isolated(
         done = {k: finish(k, build(k, workspace)) for k in by_size}
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
-    for k, label in enumerate(classes.tolist()):
+    for k in sorted(chosen):
+        label = label_list[k]
         med, assign = done[k]
         assignment[order[starts[k] : starts[k] + counts[k]]] = assign
         all_medoids.append(med)
         per_class[int(label)] = {"n": counts[k], "budget": int(med.numel()), "num_dropped": 0}
 
-    medoids = torch.cat(all_medoids).cpu()
+    medoids = torch.cat(all_medoids).cpu() if all_medoids else torch.zeros(0, dtype=torch.int64)
     assignment = assignment.cpu()
+    selected = assignment >= 0
     # cluster size of every row position that is a medoid
-    sizes_by_row = torch.bincount(assignment, minlength=n)
+    sizes_by_row = torch.bincount(assignment[selected], minlength=n)
     cluster_sizes = sizes_by_row[medoids]
-    dropped_mask = sizes_by_row[assignment] <= int(cluster_threshold)
+    dropped_mask = selected & (sizes_by_row[assignment.clamp_min(0)] <= int(cluster_threshold))
     dropped = dropped_mask.nonzero().squeeze(1)
-    kept = (~dropped_mask).nonzero().squeeze(1)
+    kept = (selected & ~dropped_mask).nonzero().squeeze(1)
     lab_cpu = lab.cpu()
     if dropped.numel():
         dl, dc = torch.unique(lab_cpu[dropped], return_counts=True)
@@ -982,4 +1001,116 @@ def _find_isolated(
         dropped=dropped,
         kept=kept,
         per_class=per_class,
+    )
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _chosen_classes(only: Sequence[int] | None, labels: list[int]) -> list[int]:
+    """Indices (into the sorted distinct ``labels``) of the classes to select."""
+    if only is None:
+        return list(range(len(labels)))
+    if isinstance(only, (str, bytes)) or not isinstance(only, (Sequence, torch.Tensor, np.ndarray)):
+        raise ValueError(f"classes must be a sequence of labels or None, got {only!r}.")
+    wanted = [int(v) for v in (only.tolist() if isinstance(only, (torch.Tensor, np.ndarray)) else only)]
+    position = {label: k for k, label in enumerate(labels)}
+    missing = sorted({v for v in wanted if v not in position})
+    if missing:
+        raise ValueError(
+            f"classes contains label(s) {missing} that no row has; pass labels that occur in labels "
+            "(e.g. from partition_classes(labels, world_size))."
+        )
+    return sorted({position[v] for v in wanted})
+
+
+def partition_classes(labels: torch.Tensor | np.ndarray, world_size: int) -> list[list[int]]:
+    """Splits the classes of ``labels`` among ``world_size`` processes, balanced by rows.
+
+    Longest processing time first: classes by decreasing row count (ties: lower label first)
+    go one by one to the process with the fewest rows so far (ties: the lowest rank). The
+    result depends only on the labels, so every process computes the same partition. The
+    largest share is at most 4/3 of the best possible one (Graham, 1969); a class is never split.
+
+    Args:
+        labels: ``(N,)`` integer class ids, as passed to :func:`find_isolated`.
+        world_size: Number of processes (>= 1).
+
+    Returns:
+        For every rank, the sorted labels it selects (empty when there are fewer classes than
+        processes); pass ``classes=partition[rank]`` to :func:`find_isolated`.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}.")
+    lab = _as_tensor(labels, "labels")
+    if lab.dim() != 1 or lab.dtype == torch.bool or lab.is_floating_point() or lab.is_complex():
+        raise ValueError(
+            f"labels must be a 1-D integer array, got shape {tuple(lab.shape)} and dtype {lab.dtype}."
+        )
+    values, counts = torch.unique(lab.cpu(), sorted=True, return_counts=True)
+    loads = [0] * int(world_size)
+    shares: list[list[int]] = [[] for _ in range(int(world_size))]
+    for label, count in sorted(zip(values.tolist(), counts.tolist()), key=lambda lc: (-lc[1], lc[0])):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        loads[rank] += int(count)
+        shares[rank].append(int(label))
+    return [sorted(share) for share in shares]
+
+
+def merge_results(results: Sequence[SelectionResult]) -> SelectionResult:
+    """Combines the results of :func:`find_isolated` on disjoint ``classes`` into one.
+
+    With the same embeddings, labels and settings on every process and ``classes`` from
+    :func:`partition_classes`, the merged result equals that of one call over every class
+    (medoids class by class in sorted label order, assignment, cluster sizes, dropped and
+    kept rows, per-class counts); ``seconds`` is the longest of the parts (they run side by side).
+
+    Args:
+        results: One result per process (e.g. gathered with
+            ``torch.distributed.all_gather_object``), in any order.
+
+    Raises:
+        ValueError: If two results selected the same class, if they disagree on the number of
+            rows, or if some row belongs to no result's classes.
+    """
+    if not results:
+        raise ValueError("merge_results needs at least one SelectionResult.")
+    n = int(results[0].assignment.numel())
+    assignment = torch.full((n,), -1, dtype=torch.int64)
+    per_class: dict[int, dict[str, int]] = {}
+    pieces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    dropped, kept = [], []
+    for res in results:
+        if int(res.assignment.numel()) != n:
+            raise ValueError(
+                f"results cover different numbers of rows ({n} and {int(res.assignment.numel())}); "
+                "every process must select on the same embeddings and labels."
+            )
+        start = 0
+        for label in sorted(res.per_class):
+            if label in per_class:
+                raise ValueError(f"class {label} was selected by two results; pass disjoint classes.")
+            info = res.per_class[label]
+            per_class[label] = dict(info)
+            end = start + int(info["budget"])
+            pieces[label] = (res.medoids[start:end], res.cluster_sizes[start:end])
+            start = end
+        mine = res.assignment >= 0
+        assignment[mine] = res.assignment[mine]
+        dropped.append(res.dropped)
+        kept.append(res.kept)
+    if bool((assignment < 0).any()):
+        raise ValueError(
+            f"{int((assignment < 0).sum())} row(s) belong to classes that no result selected; "
+            "merge the results of every process (their classes must cover every label)."
+        )
+    labels = sorted(pieces)
+    return SelectionResult(
+        medoids=torch.cat([pieces[label][0] for label in labels]),
+        assignment=assignment,
+        cluster_sizes=torch.cat([pieces[label][1] for label in labels]),
+        dropped=torch.sort(torch.cat(dropped)).values,
+        kept=torch.sort(torch.cat(kept)).values,
+        per_class={label: per_class[label] for label in labels},
+        seconds=max(float(res.seconds) for res in results),
     )

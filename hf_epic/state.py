@@ -35,6 +35,7 @@ RESUME_CHECKED_SETTINGS = (
     "epic_metric",
     "epic_cluster_threshold",
     "epic_embedding",
+    "epic_embedding_source",
     "epic_stochastic_epsilon",
     "epic_max_drop_fraction",
 )

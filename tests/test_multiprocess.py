@@ -15,6 +15,48 @@ ROWS = 256
 PER_DEVICE_BATCH = 16
 
 
+def _two_processes(script: Path, *arguments: str) -> list[str]:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        *arguments,
+    ]
+
+
+def _check_selection_spread(records: list[dict], folder: Path, seed: int = 0) -> None:
+    """Each round: the ranks selected disjoint classes covering every label, and one-process selection on
+    the round's saved embeddings gives the round's drops."""
+    from safetensors.torch import load_file
+
+    from hf_epic.selection import find_isolated
+
+    before: set[int] = set()
+    for record in records:
+        first, second = record["selection_classes_per_rank"]
+        assert first and second and not set(first) & set(second)
+        saved = load_file(str(folder / "epic_embeddings" / f"round_{record['round']:03d}.safetensors"))
+        assert sorted(first + second) == sorted(set(saved["labels"].tolist()))
+        alone = find_isolated(saved["embeddings"], saved["labels"], 0.3, seed=seed + record["round"] - 1)
+        assert sorted(set(alone.dropped.tolist()) - before) == record["newly_dropped"]
+        before |= set(record["newly_dropped"])
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    """Round records without their timings (each rank times its own embedding pass)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records]
+
+
 def _launch(command: list[str], tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -28,28 +70,17 @@ def _launch(command: list[str], tmp_path: Path) -> None:
 
 @pytest.mark.multiprocess
 def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
-    accelerate = Path(sys.executable).parent / "accelerate"
     common = ["--rows", str(ROWS), "--epochs", "2"]
     _launch(
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(SCRIPT),
+        _two_processes(
+            SCRIPT,
             "--output_dir",
             str(tmp_path / "two"),
             "--batch_size",
             str(PER_DEVICE_BATCH),
+            "--save_embeddings",
             *common,
-        ],
+        ),
         tmp_path,
     )
     # One process with the same global batch (2 x 16) sees the same rows at every step.
@@ -75,6 +106,10 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     assert rank0["epoch_start_steps"] == rank1["epoch_start_steps"] == single["epoch_start_steps"]
     assert rank0["epoch"] == rank1["epoch"] == 2.0
     assert rank0["global_step"] == rank0["max_steps"]
+    # Selection spread over the processes: disjoint classes per rank, the one-process drops.
+    assert _untimed(rank0["records"]) == _untimed(rank1["records"])
+    _check_selection_spread(rank0["records"], tmp_path / "two")
+    assert single["records"][0]["selection_classes_per_rank"] == [list(range(10))]
 
     dropped = set(rank0["dropped"])
     kept = set(range(ROWS))
@@ -98,32 +133,48 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
                 assert sorted(rank0["batches"][k] + rank1["batches"][k]) == sorted(single["batches"][k])
 
 
+@pytest.mark.multiprocess
+def test_training_pass_embeddings_on_two_processes(tmp_path):
+    """Embeddings recorded from the training forward passes of both ranks: no embedding pass, every kept row
+    recorded (accelerate's even_batches repeats dropped by row), the same drops on both ranks."""
+    _launch(
+        _two_processes(
+            SCRIPT,
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--batch_size",
+            str(PER_DEVICE_BATCH),
+            "--rows",
+            "250",
+            "--epochs",
+            "3",
+            "--embedding_source",
+            "training_pass",
+            "--save_embeddings",
+        ),
+        tmp_path,
+    )
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["dropped"] and rank0["dropped"] == rank1["dropped"]
+    assert _untimed(rank0["records"]) == _untimed(rank1["records"]) and len(rank0["records"]) == 2
+    assert rank0["eval_passes"] == rank1["eval_passes"] == 0
+    kept = 250
+    for record in rank0["records"]:
+        assert record["embedding_source"] == "training_pass" and record["eval_pass_rows"] == 0
+        assert record["recorded_rows"] == kept
+        padding = record["recorded_row_copies"] - kept  # rows accelerate's even_batches repeats
+        assert padding == (6 if kept == 250 else padding) and 0 <= padding < 2 * PER_DEVICE_BATCH
+        kept = record["num_kept"]
+    _check_selection_spread(rank0["records"], tmp_path / "two")
+
+
 TEXT_SCRIPT = Path(__file__).parent / "scripts" / "epic_text_run.py"
 
 
 @pytest.mark.multiprocess
 def test_text_classifier_with_dynamic_padding_on_two_processes(tmp_path):
     """A tiny BERT on variable-length sentences, padded per batch by DataCollatorWithPadding, three rounds."""
-    accelerate = Path(sys.executable).parent / "accelerate"
-    _launch(
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(TEXT_SCRIPT),
-            "--output_dir",
-            str(tmp_path / "text"),
-        ],
-        tmp_path,
-    )
+    _launch(_two_processes(TEXT_SCRIPT, "--output_dir", str(tmp_path / "text")), tmp_path)
     rank0, rank1 = (json.loads((tmp_path / "text" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (rank0["world_size"], rank1["world_size"]) == (2, 2)
     assert rank0["round_epochs"] == [2, 3, 4]

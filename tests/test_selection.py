@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from hf_epic.selection import SelectionResult, class_budget, find_isolated, similarity_kernel
+from hf_epic.kernels import DistanceKernel, register_kernel, unregister_kernel
+from hf_epic.selection import (
+    KERNELS,
+    SelectionResult,
+    available_kernels,
+    class_budget,
+    find_isolated,
+    similarity_kernel,
+)
+
+ALL_KERNELS = available_kernels()
 
 
 def _clustered(n_per_cluster: int, clusters: int, dim: int, isolated: int, seed: int) -> torch.Tensor:
@@ -77,9 +87,9 @@ def test_budget_is_ceil_of_fraction():
     assert class_budget(1.0, 7) == 7
 
 
-def _brute_force_greedy(x: torch.Tensor, k: int) -> list[int]:
+def _brute_force_greedy(x: torch.Tensor, k: int, metric: str = "euclidean") -> list[int]:
     """Facility-location greedy written out from the definition, in float64."""
-    s = similarity_kernel(x).double()
+    s = similarity_kernel(x, metric).double()
     cur = torch.zeros(len(x), dtype=torch.float64)
     order: list[int] = []
     for _ in range(k):
@@ -91,11 +101,12 @@ def _brute_force_greedy(x: torch.Tensor, k: int) -> list[int]:
     return order
 
 
+@pytest.mark.parametrize("metric", ALL_KERNELS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
-def test_lazy_equals_naive_greedy(seed):
+def test_lazy_equals_naive_greedy(seed, metric):
     emb, labels = _gradient_like(300, 3, seed)
-    lazy = find_isolated(emb, labels, 0.3, greedy="lazy")
-    naive = find_isolated(emb, labels, 0.3, greedy="naive")
+    lazy = find_isolated(emb, labels, 0.3, greedy="lazy", metric=metric)
+    naive = find_isolated(emb, labels, 0.3, greedy="naive", metric=metric)
     assert torch.equal(lazy.medoids, naive.medoids)
     assert torch.equal(lazy.assignment, naive.assignment)
     assert torch.equal(lazy.dropped, naive.dropped)
@@ -103,20 +114,23 @@ def test_lazy_equals_naive_greedy(seed):
     # and the naive path is the textbook definition
     rows = (labels == labels.unique()[0]).nonzero().squeeze(1)
     k = class_budget(0.3, rows.numel())
-    assert lazy.medoids[:k].tolist() == rows[_brute_force_greedy(emb[rows], k)].tolist()
+    assert lazy.medoids[:k].tolist() == rows[_brute_force_greedy(emb[rows], k, metric)].tolist()
 
 
-def test_lazy_equals_naive_with_duplicates_and_ties():
+@pytest.mark.parametrize("metric", ALL_KERNELS)
+def test_lazy_equals_naive_with_duplicates_and_ties(metric):
     g = torch.Generator().manual_seed(5)
     base = torch.randn(12, 4, generator=g)
     # every point three times, a row of exact zeros, fraction 1.0: many exact (zero-gain) ties
     x = torch.cat([base, base, base, torch.zeros(2, 4)])
     labels = torch.zeros(len(x), dtype=torch.long)
     for fraction in (0.2, 0.5, 1.0):
-        lazy = find_isolated(x, labels, fraction, greedy="lazy")
-        naive = find_isolated(x, labels, fraction, greedy="naive")
+        lazy = find_isolated(x, labels, fraction, greedy="lazy", metric=metric)
+        naive = find_isolated(x, labels, fraction, greedy="naive", metric=metric)
         assert torch.equal(lazy.medoids, naive.medoids), fraction
         assert torch.equal(lazy.assignment, naive.assignment), fraction
+    if metric != "euclidean":
+        return
     # ties go to the lowest row position: the first copy of each point is chosen first
     lazy = find_isolated(x, labels, 12 / 38, greedy="lazy")
     assert lazy.medoids.numel() == 12
@@ -187,6 +201,63 @@ def test_matches_submodlib_lazy_greedy():
     assert step >= 20
 
 
+class _Gaussian(DistanceKernel):
+    """exp(-||a - b||^2 / D): a distance-based kernel defined only here, to test the registry."""
+
+    def from_distance_(self, d: torch.Tensor, dim: int) -> torch.Tensor:
+        return d.square_().mul_(-1.0 / dim).exp_()
+
+    def to_distance(self, s: torch.Tensor, dim: int) -> torch.Tensor:
+        s = s.to(torch.float64)
+        return torch.where(
+            s > 0, torch.sqrt((-dim * torch.log(s.clamp_min(1e-300))).clamp_min(0.0)), math.inf
+        )
+
+
+@pytest.fixture
+def gaussian_kernel():
+    register_kernel("test_gaussian")(_Gaussian)
+    try:
+        yield "test_gaussian"
+    finally:
+        unregister_kernel("test_gaussian")
+
+
+def test_builtin_kernels_are_registered_once():
+    assert ALL_KERNELS[:2] == ("euclidean", "cosine")
+    assert KERNELS["euclidean"].name == "euclidean" and KERNELS["euclidean"].distance_based
+    assert not KERNELS["cosine"].distance_based and not KERNELS["cosine"].nonnegative
+    with pytest.raises(ValueError, match="already registered"):
+        register_kernel("euclidean")(_Gaussian)
+    with pytest.raises(ValueError, match="unknown metric 'nope'; choose one of euclidean, cosine"):
+        find_isolated(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), 0.5, metric="nope")
+
+
+def test_a_new_kernel_is_one_class(gaussian_kernel, monkeypatch):
+    from hf_epic import selection
+
+    assert gaussian_kernel in available_kernels()
+    emb, labels = _gradient_like(400, 2, 17)
+    s = similarity_kernel(emb[:50], gaussian_kernel).double()
+    exact = torch.exp(-(torch.cdist(emb[:50].double(), emb[:50].double()) ** 2) / emb.shape[1])
+    assert (s - exact).abs().max() < 1e-6
+    lazy = find_isolated(emb, labels, 0.2, metric=gaussian_kernel)
+    naive = find_isolated(emb, labels, 0.2, metric=gaussian_kernel, greedy="naive")
+    tiled = find_isolated(emb, labels, 0.2, metric=gaussian_kernel, memory_budget_mb=0.05)
+    for other in (naive, tiled):
+        assert torch.equal(lazy.medoids, other.medoids)
+        assert torch.equal(lazy.assignment, other.assignment)
+    _check_consistent(lazy, labels)
+    # its pruning bounds drive the k-d cells: stochastic greedy on cells equals the dense path
+    monkeypatch.setattr(selection, "_CELLS_MIN_ROWS", 0)
+    dense = find_isolated(emb, labels, 0.2, metric=gaussian_kernel, greedy="stochastic", seed=2)
+    cells = find_isolated(
+        emb, labels, 0.2, metric=gaussian_kernel, greedy="stochastic", seed=2, memory_budget_mb=0.05
+    )
+    assert torch.equal(dense.medoids, cells.medoids)
+    assert torch.equal(dense.assignment, cells.assignment)
+
+
 # --------------------------------------------------------------------------- reference defects
 
 
@@ -228,7 +299,7 @@ def test_numpy_input_equals_torch_input():
     assert a.medoids.dtype == torch.int64 and a.dropped.device.type == "cpu"
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("metric", ALL_KERNELS)
 @pytest.mark.parametrize("greedy", ["lazy", "naive"])
 def test_tiled_path_equals_dense_path(metric, greedy):
     emb, labels = _gradient_like(300, 2, 9)
@@ -381,7 +452,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("metric", ALL_KERNELS)
 def test_cuda_lazy_equals_naive_and_agrees_with_cpu(metric):
     emb, labels = _gradient_like(900, 3, 31)
     on_gpu = find_isolated(emb.cuda(), labels.cuda(), 0.2, metric=metric)

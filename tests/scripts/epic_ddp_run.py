@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=16, help="per-device batch size")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--embedding_source", default="eval_pass", choices=["eval_pass", "training_pass"])
+    parser.add_argument("--save_embeddings", action="store_true", help="save each round's embeddings")
     options = parser.parse_args()
 
     collator = RecordingCollator()
@@ -37,6 +39,8 @@ def main() -> None:
         epic_start_epoch=1,
         epic_interval=1,
         epic_fraction=0.3,
+        epic_embedding_source=options.embedding_source,
+        epic_save_embeddings=options.save_embeddings,
     )
     trainer = EpicTrainer(
         model=tiny_vit(0),
@@ -51,6 +55,8 @@ def main() -> None:
         "world_size": args.world_size,
         "dropped": state.dropped,
         "rounds": [r["newly_dropped"] for r in state.rounds],
+        "records": state.rounds,
+        "eval_passes": trainer.epic_callback.eval_passes,
         "epoch_start_steps": state.epoch_start_steps,
         "epoch_end_steps": state.epoch_end_steps,
         "batches": collator.batches,
