@@ -9,10 +9,13 @@ from typing import Any
 import numpy as np
 from transformers import TrainingArguments
 
+from .kernels import available_kernels
+from .registry import LiveChoices
+
 __all__ = ["EpicConfig", "default_epic_settings", "validate_epic_settings"]
 
 GREEDY_CHOICES = ("lazy", "stochastic")
-METRIC_CHOICES = ("euclidean", "cosine")
+METRIC_CHOICES = LiveChoices(available_kernels)  # the registered similarity kernels (hf_epic.kernels)
 EMBEDDING_CHOICES = ("logits_grad", "last_layer_grad")
 EMBEDDING_SOURCE_CHOICES = ("eval_pass", "training_pass")
 
@@ -126,7 +129,7 @@ def validate_epic_settings(values: Mapping[str, Any]) -> dict[str, Any]:
         "epic_greedy", values["epic_greedy"], GREEDY_CHOICES, "Use 'lazy' (default)."
     )
     out["epic_metric"] = _as_choice(
-        "epic_metric", values["epic_metric"], METRIC_CHOICES, "Use 'euclidean' (default)."
+        "epic_metric", values["epic_metric"], tuple(METRIC_CHOICES), "Use 'euclidean' (default)."
     )
     out["epic_embedding"] = _as_choice(
         "epic_embedding",
@@ -222,7 +225,9 @@ class EpicConfig(TrainingArguments):
     epic_metric: str = field(
         default="euclidean",
         metadata={
-            "help": "Similarity of gradient embeddings: 'euclidean' (exp(-d/D), the reference's) or 'cosine'."
+            "help": "Similarity of gradient embeddings: 'euclidean' (exp(-d/D), the reference's), 'cosine', or "
+            "another kernel registered in hf_epic.kernels.",
+            "choices": METRIC_CHOICES,
         },
     )
     epic_cluster_threshold: int = field(

@@ -262,7 +262,7 @@ class BenchmarkConfig(DataArguments):
         metadata={"help": "EPIC's gradient embedding.", "choices": list(EMBEDDING_CHOICES)},
     )
     epic_metric: str = field(
-        default="euclidean", metadata={"help": "EPIC's similarity.", "choices": list(METRIC_CHOICES)}
+        default="euclidean", metadata={"help": "EPIC's similarity.", "choices": METRIC_CHOICES}
     )
     epic_cluster_threshold: int = field(
         default=1, metadata={"help": "EPIC drops rows in clusters of at most this many members."}
