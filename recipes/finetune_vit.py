@@ -30,10 +30,13 @@ poisons dropped, wall time) and writes a model card with plots. Commands (from t
         recipes/finetune_vit.py --output_dir outputs/finetune_vit \\
         --push_to_hub --hub_model_id <you>/vit-fashion-mnist-epic
 
-What the default shows: a real attack on a fine-tuned model, and that EPIC does not reliably stop it.
-Bullseye Polytope's poisons share one target, so their gradient embeddings sit together in one
-cluster and EPIC, which drops only isolated rows, rarely drops them (measured: docs/results/
-fashion_mnist.md). ``--dataset_name digits --model_kind vit --image_size 16`` runs the tiny digits
+What the default shows, measured over seeds 0, 1 and 2 (``--seed N --attack_seed N``, one
+target each): the undefended attack succeeded on 2 of 3 targets, and under EPIC-0.2 on the same
+2 of 3, at 0.4-0.6 points of clean accuracy (0.81-0.84), with 496-507 of the 5,000 rows (10 %) and
+0-9 of the 100 poisons dropped. Bullseye Polytope's poisons share one target, so their gradient
+embeddings sit together in one dense cluster (the card's PCA plot shows it), and EPIC, which drops
+only isolated rows, removes isolated clean rows instead. One run takes about 3 minutes on two CPU
+cores, the backbone's training included. ``--dataset_name digits --model_kind vit --image_size 16`` runs the tiny digits
 set instead. Every ``TrainingArguments`` flag and every ``--epic_*`` flag works here;
 ``python recipes/finetune_vit.py --help`` lists them.
 """

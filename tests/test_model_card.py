@@ -227,7 +227,7 @@ def test_update_needs_an_epic_state(tmp_path: Path) -> None:
 def test_example_card_in_model_cards_is_complete() -> None:
     """The committed example card loads, carries the EPIC metadata and sections, and every
     image it links to is committed beside it."""
-    folder = Path(__file__).resolve().parents[1] / "model_cards" / "finetune_vit_digits"
+    folder = Path(__file__).resolve().parents[1] / "model_cards" / "finetune_vit_fashion_mnist"
     card = ModelCard.load(folder / "README.md")
     assert set(EPIC_TAGS) <= set(card.data.tags)
     assert {r.metric_type for r in card.data.eval_results} >= {"accuracy", "attack_success_rate"}
