@@ -284,6 +284,24 @@ def test_epic_options_reach_the_trainer(tmp_path):
     assert dropped[2] > dropped[1] > 0
 
 
+def test_training_pass_embeddings_reach_the_benchmark_cells(tmp_path):
+    """--epic_embedding_source training_pass: EPIC and a baseline at its counts take the embeddings from
+    the training forward pass (the run's state says so), and the cell records its drops."""
+    config = BenchmarkConfig(**{**SMALL, "epic_stop_epoch": 3, "epic_embedding_source": "training_pass"})
+    splits = load_splits(config, config.seed)
+    poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
+    schedule = None
+    for defense in ("epic-0.2", "low-confidence"):
+        record = run_cell(
+            0, "badnets", defense, poisoned, spec, splits["test"], config, tmp_path / defense, schedule
+        )
+        assert record["num_dropped"] > 0
+        schedule = [{int(c): n for c, n in r.items()} for r in record["rounds_per_class"]]
+        state = json.loads((tmp_path / defense / "epic_state.json").read_text())
+        assert {r["embedding_source"] for r in state["rounds"]} == {"training_pass"}
+        assert all(r["recorded_rows"] > 0 for r in state["rounds"])
+
+
 def test_attack_seed_offset_reseeds_the_attack_but_not_the_victim(tmp_path):
     specs = {}
     for offset in (0, 1000000):

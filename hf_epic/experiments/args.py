@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..attacks import attack_names
-from ..epic_config import EMBEDDING_CHOICES, METRIC_CHOICES, EpicConfig
+from ..epic_config import EMBEDDING_CHOICES, EMBEDDING_SOURCE_CHOICES, METRIC_CHOICES, EpicConfig
 from ..models import model_kinds
 from ..registry import LiveChoices
 from .data import dataset_names
@@ -264,6 +264,14 @@ class BenchmarkConfig(DataArguments):
     epic_metric: str = field(
         default="euclidean", metadata={"help": "EPIC's similarity.", "choices": METRIC_CHOICES}
     )
+    epic_embedding_source: str = field(
+        default="eval_pass",
+        metadata={
+            "help": "Where EPIC's embeddings come from: an eval-mode pass per round (the reference's) or the "
+            "training forward pass of the epoch before a round.",
+            "choices": list(EMBEDDING_SOURCE_CHOICES),
+        },
+    )
     epic_cluster_threshold: int = field(
         default=1, metadata={"help": "EPIC drops rows in clusters of at most this many members."}
     )
@@ -348,7 +356,7 @@ class BenchmarkConfig(DataArguments):
         from hf_epic.epic_config import default_epic_settings, validate_epic_settings
 
         # the EPIC options passed on unchanged get EpicConfig's own checks and messages
-        passed_on = ("epic_embedding", "epic_metric", "epic_cluster_threshold")
+        passed_on = ("epic_embedding", "epic_embedding_source", "epic_metric", "epic_cluster_threshold")
         validate_epic_settings({**default_epic_settings(), **{k: getattr(self, k) for k in passed_on}})
         unknown = sorted(set(self.attack_kwargs) - set(attack_names()))
         if unknown:

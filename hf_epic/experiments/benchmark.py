@@ -236,6 +236,7 @@ def run_cell(
         epic_start_epoch=config.epic_start_epoch,
         epic_stop_epoch=config.epic_stop_epoch,
         epic_embedding=config.epic_embedding,
+        epic_embedding_source=config.epic_embedding_source,
         epic_metric=config.epic_metric,
         epic_cluster_threshold=config.epic_cluster_threshold,
     )
