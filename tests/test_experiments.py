@@ -169,7 +169,9 @@ def test_choices_come_from_the_registries():
     parser = HfArgumentParser((ScriptArguments, EpicConfig))
     actions = parser._option_string_actions
     assert list(actions["--attack"].choices) == [*attack_names(), "none"]
-    assert list(actions["--model_kind"].choices) == list(model_kinds()) == ["vit", "vit-p7", "timm-vit", "cnn"]
+    assert (
+        list(actions["--model_kind"].choices) == list(model_kinds()) == ["vit", "vit-p7", "timm-vit", "cnn"]
+    )
     bench = HfArgumentParser((BenchmarkArguments, BenchmarkConfig))._option_string_actions
     assert list(bench["--defenses"].choices) == list(defense_names())
     assert list(bench["--baseline_reference"].choices) == ["epic-0.1", "epic-0.2", "epic-0.3"]
