@@ -7,7 +7,7 @@ Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF im
     from hf_epic import partition_classes, merge_results          # selection over several processes
     from hf_epic import available_kernels, register_kernel        # similarity kernels
     from hf_epic import render_model_card, make_epic_plots        # model cards and plots
-    from hf_epic import load_digits_dataset                       # offline data
+    from hf_epic import load_fashion_mnist, load_digits_dataset   # data that loads offline
     from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks (registered)
     from hf_epic import experiments                               # what the recipes and benchmark share
 """
@@ -37,6 +37,7 @@ _LAZY: dict[str, str] = {
     "update_model_card": "model_card",
     "make_epic_plots": "plots",
     "load_digits_dataset": "data",
+    "load_fashion_mnist": "fashion_mnist",
 }
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "compute_gradient_embeddings",
     "find_isolated",
     "load_digits_dataset",
+    "load_fashion_mnist",
     "make_epic_plots",
     "merge_results",
     "partition_classes",
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .epic_callback import EpicCallback
     from .epic_config import EpicConfig
     from .epic_trainer import EpicTrainer
+    from .fashion_mnist import load_fashion_mnist
     from .kernels import available_kernels, register_kernel
     from .model_card import render_model_card, update_model_card
     from .plots import make_epic_plots
