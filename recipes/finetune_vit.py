@@ -35,8 +35,9 @@ target each): the undefended attack succeeded on 2 of 3 targets, and under EPIC-
 2 of 3, at 0.4-0.6 points of clean accuracy (0.81-0.84), with 496-507 of the 5,000 rows (10 %) and
 0-9 of the 100 poisons dropped. Bullseye Polytope's poisons share one target, so their gradient
 embeddings sit together in one dense cluster (the card's PCA plot shows it), and EPIC, which drops
-only isolated rows, removes isolated clean rows instead. One run takes about 3 minutes on two CPU
-cores, the backbone's training included. ``--dataset_name digits --model_kind vit --image_size 16`` runs the tiny digits
+only isolated rows, removes isolated clean rows instead. The default seed is 1, one of the three, in
+which the undefended attack succeeds; ``model_cards/finetune_vit_fashion_mnist/`` is its card. One
+run takes about 2.5 minutes on two CPU cores, the backbone's training included. ``--dataset_name digits --model_kind vit --image_size 16`` runs the tiny digits
 set instead. Every ``TrainingArguments`` flag and every ``--epic_*`` flag works here;
 ``python recipes/finetune_vit.py --help`` lists them.
 """
@@ -52,11 +53,16 @@ DATA_DEFAULTS = {
     "max_eval_rows": 2000,
 }
 MODEL_DEFAULTS = {"model_kind": "vit-p7", "source_fraction": 0.6667, "backbone_epochs": 20}
-ATTACK_DEFAULTS = {"attack": "bullseye_polytope", "poison_budget": 0.02, "attack_steps": 300}
+ATTACK_DEFAULTS = {
+    "attack": "bullseye_polytope",
+    "poison_budget": 0.02,
+    "attack_steps": 300,
+    "attack_seed": 1,
+}
 SCRIPT_DEFAULTS = {**DATA_DEFAULTS, **MODEL_DEFAULTS, **ATTACK_DEFAULTS, "compare_undefended": True}
 EPIC_DEFAULTS = {"epic_fraction": 0.2, "epic_start_epoch": 2, "epic_interval": 1, "epic_stop_epoch": 6}
 TRAINING_DEFAULTS = ex.training_defaults(
-    "outputs/finetune_vit", num_train_epochs=10, learning_rate=1e-4, **EPIC_DEFAULTS
+    "outputs/finetune_vit", num_train_epochs=10, learning_rate=1e-4, seed=1, **EPIC_DEFAULTS
 )
 
 
