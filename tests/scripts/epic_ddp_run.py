@@ -11,13 +11,12 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from conftest import RecordingCollator, make_config, small_digits, tiny_vit, with_pixels  # noqa: E402
 
 from hf_epic.epic_trainer import EpicTrainer  # noqa: E402
+from hf_epic.experiments.runtime import shutdown_distributed
 
 
 def main() -> None:
@@ -66,10 +65,7 @@ def main() -> None:
     }
     with open(os.path.join(options.output_dir, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
-    # tear gloo down before exit: left to interpreter exit it can abort a finished process
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

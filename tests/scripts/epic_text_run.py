@@ -10,8 +10,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -20,6 +18,7 @@ from tiny_text import build_text_dataset, build_tokenizer, tiny_bert  # noqa: E4
 from transformers import DataCollatorWithPadding  # noqa: E402
 
 from hf_epic.epic_trainer import EpicTrainer  # noqa: E402
+from hf_epic.experiments.runtime import shutdown_distributed
 
 PLANTED = (11, 24, 37, 50, 63, 76)
 
@@ -69,9 +68,7 @@ def main() -> None:
     }
     with open(os.path.join(options.output_dir, f"rank{args.process_index}.json"), "w") as handle:
         json.dump(record, handle)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
