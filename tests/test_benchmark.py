@@ -19,6 +19,7 @@ from hf_epic.experiments.benchmark import (
     train_seed,
 )
 from hf_epic.experiments.data import load_splits
+from hf_epic.experiments.models import model_transform
 from hf_epic.experiments.poisons import DIGITS_ATTACK_KWARGS, HARD_DIGITS_ATTACK_KWARGS
 from hf_epic.machine import describe_machine, machine_fingerprint
 
@@ -430,7 +431,6 @@ def test_backdoors_get_seeded_distinct_poison_and_source_classes():
 def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_features(tmp_path):
     from safetensors.torch import load_file
 
-    from hf_epic.attacks.surrogate import classifier_layer
     from hf_epic.experiments.backbone import trial_backbone
     from hf_epic.experiments.poisons import victim_setting
 
@@ -468,12 +468,42 @@ def test_transfer_attack_trains_only_a_new_head_on_the_cached_pretrained_feature
     assert [m > 0 for m in record["target_margins"]] == [
         p == spec.poison_class for p in record["target_predictions"]
     ]
-    head = {id(p) for p in classifier_layer(victim).parameters()}
-    names = {n for n, p in victim.named_parameters() if id(p) in head}
+    # the backbone is exactly the pretrained one after training (weights and normalisation statistics)
     after = victim.state_dict()
-    # every feature tensor (weights and BatchNorm running statistics) is exactly the pretrained one
-    assert all(torch.equal(after[k].cpu(), v) for k, v in cached.items() if k not in names)
-    assert any(not torch.equal(after[k].cpu(), cached[k]) for k in names)
+    assert set(after) == set(cached) and all(torch.equal(after[k].cpu(), v) for k, v in cached.items())
+
+
+def test_feature_probe_gives_the_same_logits_from_cached_features_and_from_images():
+    from hf_epic.experiments.models import FeatureProbe
+    from hf_epic.models import build_model
+
+    config = BenchmarkConfig(**SMALL)
+    splits = load_splits(config, config.seed)
+    rows = splits["train"].select(range(40))
+    torch.manual_seed(0)
+    backbone = build_model("vit", 10, config.image_size, config.num_channels)
+    probe = FeatureProbe(backbone)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    probe.train()  # the Trainer's call: the head trains, the backbone stays in eval mode (no dropout)
+    assert probe.training and not backbone.training
+    assert [p.requires_grad for p in probe.parameters()].count(True) == 2  # the head's weight and bias
+    table = probe.features_dataset(rows, config.image_size, config.num_channels)
+    assert table.column_names == [*[c for c in rows.column_names if c != "image"], "features"]
+    batch = table[:40]
+    from_features = probe(features=batch["features"], labels=torch.tensor(batch["label"]))
+    pixels = torch.stack(
+        rows.with_transform(model_transform(config.image_size, config.num_channels, augment=False))[:40][
+            "pixel_values"
+        ]
+    )
+    from_images = probe(pixel_values=pixels)
+    torch.testing.assert_close(from_features.logits, from_images.logits)
+    assert from_features.loss is not None and from_images.loss is None
+    from_features.loss.backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    with pytest.raises(ValueError, match="features.*pixel_values"):
+        probe()
 
 
 def test_the_docstring_commands_parse():

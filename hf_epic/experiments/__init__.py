@@ -40,7 +40,7 @@ _LAZY: dict[str, str] = {
     "split_source": "data",
     "build_classifier": "models",
     "freeze_all_but_head": "models",
-    "freeze_features": "models",
+    "FeatureProbe": "models",
     "load_pretrained": "models",
     "model_for": "models",
     "new_model": "models",

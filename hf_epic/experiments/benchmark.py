@@ -36,7 +36,7 @@ from .args import BenchmarkConfig
 from .backbone import trial_backbone
 from .data import load_splits
 from .defenses import defense_names, get_defense
-from .models import freeze_features, model_transform
+from .models import FeatureProbe, model_transform
 from .poisons import cached_poisons, craft_poisons, draw_classes, victim_setting
 from .report import write_report
 from .scoring import predict_classes, score_attack
@@ -198,8 +198,9 @@ def run_cell(
         work_dir: The trainer's ``output_dir`` (``epic_state.json`` lands there).
         schedule: For the baselines, the reference EPIC run's per-round per-class drop counts.
         initial_model: The pretrained model the victim starts from (``setting`` transfer / finetune).
-        setting: ``"scratch"`` (new random model), ``"transfer"`` (train a new head on the frozen
-            features of ``initial_model``) or ``"finetune"`` (train all of ``initial_model``).
+        setting: ``"scratch"`` (new random model), ``"transfer"`` (a :class:`FeatureProbe`: a new linear
+            head on the frozen features of ``initial_model``, computed once, rows not augmented) or
+            ``"finetune"`` (train all of ``initial_model``).
 
     Returns:
         The cell's record (JSON-serialisable).
@@ -249,14 +250,20 @@ def run_cell(
         if initial_model is None:
             raise ValueError(f"setting={setting!r} needs the pretrained initial_model to start from.")
         model = initial_model
-        if setting == "transfer":
-            freeze_features(model)
     size, channels = config.image_size, config.num_channels
+    if setting == "transfer":
+        # a linear probe: the frozen features of every row are computed once, and rows are not augmented
+        torch.manual_seed(seed)
+        model = FeatureProbe(initial_model)
+        train_set = embedding_set = model.features_dataset(poisoned, size, channels)
+    else:
+        train_set = poisoned.with_transform(model_transform(size, channels, augment=True, seed=seed))
+        embedding_set = poisoned.with_transform(model_transform(size, channels, augment=False))
     trainer = EpicTrainer(
         model=model,
         args=args,
-        train_dataset=poisoned.with_transform(model_transform(size, channels, augment=True, seed=seed)),
-        epic_embedding_dataset=poisoned.with_transform(model_transform(size, channels, augment=False)),
+        train_dataset=train_set,
+        epic_embedding_dataset=embedding_set,
         epic_callback=callback,
     )
     if not config.progress:

@@ -4,24 +4,23 @@ ones from the Hub or a folder, and the head surgery of the transfer and fine-tun
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..attacks.surrogate import classifier_layer
+from ..attacks.surrogate import capture_features, classifier_layer
 from ..models import build_model, image_transform
 
 __all__ = [
+    "FeatureProbe",
     "build_classifier",
     "model_for",
     "new_model",
     "model_transform",
     "pretrained_copy",
     "freeze_all_but_head",
-    "freeze_features",
     "load_pretrained",
     "reset_head",
 ]
@@ -156,14 +155,85 @@ def reset_head(model: Any, seed: int) -> None:
         head.bias.zero_()
 
 
-def freeze_features(model: Any) -> None:
-    """Transfer setting: freeze all but a re-initialised final layer, and keep normalisation and dropout
-    layers in eval mode (the Trainer calls ``model.train()`` every step; frozen features keep their
-    statistics)."""
-    head = classifier_layer(model)
-    head.reset_parameters()
-    _only_head_trains(model)
-    for module in model.modules():
-        if isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)):
-            module.eval()
-            module.train = types.MethodType(lambda self, mode=True: self, module)
+class FeatureProbe(torch.nn.Module):
+    """A new linear head on a frozen backbone, trained on the backbone's features computed once per row.
+
+    In the transfer setting nothing before the head changes during training and the training rows are not
+    augmented, so each row's feature vector (the input of the backbone's own classifier) is the same in
+    every epoch. :meth:`features_dataset` computes it once; training batches then carry ``features``
+    instead of ``pixel_values`` and only the head runs. Image batches (``pixel_values``: scoring, the
+    attack's targets) still go through the frozen backbone first, so the probe is one model either way.
+
+    The backbone is a submodule (it moves with the probe to a device) with ``requires_grad=False``, and it
+    stays in eval mode when the Trainer calls ``train()`` (no dropout, frozen normalisation statistics).
+
+    Args:
+        backbone: A pretrained classifier of a registered kind (its own head is not used; not modified).
+    """
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        own_head = classifier_layer(backbone)
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        # the new head draws its initial weights from torch's global generator, like any new layer
+        self.classifier = torch.nn.Linear(own_head.in_features, own_head.out_features)
+        self.config = getattr(backbone, "config", None)
+
+    def train(self, mode: bool = True) -> FeatureProbe:
+        """Set the head's mode; the backbone stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's penultimate features ``(rows, dim)`` of a batch of images."""
+        with capture_features(self.backbone) as store:
+            self.backbone(pixel_values=pixel_values)
+        return store["features"]
+
+    def forward(
+        self,
+        features: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        """Logits (and the mean cross-entropy when ``labels`` are given) from features or from images."""
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        if features is None:
+            if pixel_values is None:
+                raise ValueError("FeatureProbe needs `features` (cached) or `pixel_values` (images).")
+            features = self.backbone_features(pixel_values)
+        logits = self.classifier(features)
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def features_dataset(self, ds: Any, image_size: int, num_channels: int, batch_size: int = 256) -> Any:
+        """A copy of ``ds`` with each row's backbone features in a ``features`` column, formatted for training.
+
+        The rows are read without augmentation. Every other column (``label``, ``is_poison``) is kept in
+        the dataset; batches carry ``features`` and ``label``.
+
+        Args:
+            ds: Dataset with ``image`` and ``label`` columns (not modified).
+            image_size: Side of the backbone's input.
+            num_channels: 1 or 3.
+            batch_size: Rows per forward pass.
+        """
+        view = ds.select_columns(["image"]).with_transform(model_transform(image_size, num_channels, False))
+        device = next(self.classifier.parameters()).device
+        chunks = []
+        for start in range(0, len(view), batch_size):
+            pixels = torch.stack(view[start : start + batch_size]["pixel_values"]).to(device)
+            chunks.append(self.backbone_features(pixels).float().cpu())
+        features = torch.cat(chunks).numpy() if chunks else []
+        table = ds.remove_columns("image").add_column("features", list(features))
+
+        def transform(batch: dict[str, list]) -> dict[str, Any]:
+            return {"features": torch.tensor(batch["features"], dtype=torch.float32), "label": batch["label"]}
+
+        return table.with_transform(transform)
