@@ -146,7 +146,7 @@ class RoundEvidence:
         if rows is None:
             return None
         number = int(record.get("round", index + 1))
-        return cls.build(number, rows, record.get("isolation_scores") or [], record.get("isolated_classes"))
+        return cls.build(number, rows, record.get("isolation_scores") or [])
 
 
 class DropRule:

@@ -143,7 +143,9 @@ class EpicCallback(TrainerCallback):
     included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
     mode, gathers the embeddings of all processes, selects the isolated rows (with several processes
     each selects its share of the classes and the results are merged; an overridden
-    :meth:`select_rows` runs on rank 0 and is broadcast), limits them to ``epic_max_drop_fraction``
+    :meth:`select_rows` runs on rank 0 and is broadcast), lets the drop rule ``epic_drop_rule``
+    (:mod:`hf_epic.drop_rules`) pick the rows to drop from them and the earlier rounds' isolation
+    evidence (kept in the state), limits those to ``epic_max_drop_fraction``
     of each class (a class always keeps a row), and removes them from the training sampler. With
     ``epic_embedding_source="training_pass"`` (``EpicTrainer`` only) the embeddings are recorded from
     the training forward passes of the epoch before the round instead of an extra pass. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
