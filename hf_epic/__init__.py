@@ -6,6 +6,7 @@ Public API (imported lazily, so ``import hf_epic.selection`` stays free of HF im
     from hf_epic import find_isolated, SelectionResult            # the selection engine
     from hf_epic import partition_classes, merge_results          # selection over several processes
     from hf_epic import available_kernels, register_kernel        # similarity kernels
+    from hf_epic import available_drop_rules, register_drop_rule  # which isolated rows are dropped
     from hf_epic import render_model_card, make_epic_plots        # model cards and plots
     from hf_epic import load_fashion_mnist, load_digits_dataset   # data that loads offline
     from hf_epic.attacks import craft_gradient_matching, ...      # poisoning attacks (registered)
@@ -27,6 +28,8 @@ _LAZY: dict[str, str] = {
     "merge_results": "selection",
     "available_kernels": "kernels",
     "register_kernel": "kernels",
+    "available_drop_rules": "drop_rules",
+    "register_drop_rule": "drop_rules",
     "EpicConfig": "epic_config",
     "EpicCallback": "epic_callback",
     "EpicTrainer": "epic_trainer",
@@ -48,6 +51,7 @@ __all__ = [
     "KeptRowsSampler",
     "SelectionResult",
     "__version__",
+    "available_drop_rules",
     "available_kernels",
     "compute_gradient_embeddings",
     "find_isolated",
@@ -56,6 +60,7 @@ __all__ = [
     "make_epic_plots",
     "merge_results",
     "partition_classes",
+    "register_drop_rule",
     "register_kernel",
     "render_model_card",
     "update_model_card",
@@ -63,6 +68,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import load_digits_dataset
+    from .drop_rules import available_drop_rules, register_drop_rule
     from .embeddings import compute_gradient_embeddings
     from .epic_callback import EpicCallback
     from .epic_config import EpicConfig

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .drop_rules import DropRule, RoundEvidence, apply_drop_rule, get_drop_rule
 from .embeddings import (
     EmbeddingResult,
     compute_gradient_embeddings,
@@ -110,6 +111,7 @@ def _result_to_json(result: Any) -> dict[str, Any]:
         "kept": result.kept.tolist(),
         "per_class": [[int(label), dict(info)] for label, info in result.per_class.items()],
         "seconds": float(result.seconds),
+        "isolation_scores": None if result.isolation_scores is None else result.isolation_scores.tolist(),
     }
 
 
@@ -127,6 +129,9 @@ def _result_from_json(data: dict[str, Any]) -> Any:
         kept=ints("kept"),
         per_class={int(label): dict(info) for label, info in data["per_class"]},
         seconds=float(data["seconds"]),
+        isolation_scores=None
+        if data.get("isolation_scores") is None
+        else torch.as_tensor(data["isolation_scores"], dtype=torch.float64),
     )
 
 
@@ -138,7 +143,9 @@ class EpicCallback(TrainerCallback):
     included, collated by the trainer's data collator, loaded with its dataloader workers) in eval
     mode, gathers the embeddings of all processes, selects the isolated rows (with several processes
     each selects its share of the classes and the results are merged; an overridden
-    :meth:`select_rows` runs on rank 0 and is broadcast), limits them to ``epic_max_drop_fraction``
+    :meth:`select_rows` runs on rank 0 and is broadcast), lets the drop rule ``epic_drop_rule``
+    (:mod:`hf_epic.drop_rules`) pick the rows to drop from them and the earlier rounds' isolation
+    evidence (kept in the state), limits those to ``epic_max_drop_fraction``
     of each class (a class always keeps a row), and removes them from the training sampler. With
     ``epic_embedding_source="training_pass"`` (``EpicTrainer`` only) the embeddings are recorded from
     the training forward passes of the epoch before the round instead of an extra pass. Dropping is cumulative. Figures go to ``Trainer.log`` as ``epic/*``; the state is saved as
@@ -213,6 +220,7 @@ class EpicCallback(TrainerCallback):
         self._stored: torch.Tensor | None = None
         self._device_labels: torch.Tensor | None = None  # labels where the training batches are
         self._recorded_counts: tuple[int, int] | None = None  # (distinct rows, row copies) of the last round
+        self._evidence: RoundEvidence | None = None  # isolation evidence of the round being selected
 
     # ----------------------------------------------------------------- public API
 
@@ -235,10 +243,12 @@ class EpicCallback(TrainerCallback):
     ) -> torch.Tensor:
         """Choose the rows to drop newly this round (override for other defenses).
 
-        The default runs :func:`hf_epic.selection.find_isolated` over all rows and returns the
-        isolated rows not dropped before. With several processes the built-in selection is spread
-        over them by class (this method is not called); an override runs on rank 0 only and its
-        result is broadcast.
+        The default runs :func:`hf_epic.selection.find_isolated` over all rows (with isolation
+        scores), records the round's isolation evidence, and returns the rows the drop rule
+        ``epic_drop_rule`` (:mod:`hf_epic.drop_rules`) picks among them, less those dropped before.
+        With several processes the built-in selection is spread over them by class (this method is
+        not called); an override runs on rank 0 only and its result is broadcast. An override that
+        calls this method keeps the evidence in the state.
 
         Args:
             embeddings: float32 ``(N, D)`` gradient embeddings of every row, in row order.
@@ -251,10 +261,30 @@ class EpicCallback(TrainerCallback):
         """
         from .selection import find_isolated
 
-        result = find_isolated(embeddings, labels, **self._selection_kwargs())
+        result = find_isolated(embeddings, labels, isolation_scores=True, **self._selection_kwargs())
         self.last_selection = result
-        dropped = torch.as_tensor(result.dropped, dtype=torch.long)
-        return dropped[~torch.isin(dropped, already_dropped)]
+        return self._apply_drop_rule(result, labels, already_dropped)
+
+    def drop_rule(self) -> DropRule:
+        """The drop rule of ``epic_drop_rule``, with ``epic_drop_persistence`` and ``epic_drop_rank_share``."""
+        assert self.settings is not None
+        s = self.settings
+        return get_drop_rule(
+            s["epic_drop_rule"], persistence=s["epic_drop_persistence"], rank_share=s["epic_drop_rank_share"]
+        )
+
+    def _apply_drop_rule(self, result: Any, labels: torch.Tensor, already: torch.Tensor) -> torch.Tensor:
+        """Record ``result``'s isolation evidence for this round and return the rule's new drops."""
+        assert self.state is not None
+        scores = result.isolation_scores
+        if scores is None:
+            raise ValueError(
+                "the selection result has no isolation scores; call find_isolated(..., isolation_scores=True)."
+            )
+        evidence = RoundEvidence.build(len(self.state.rounds) + 1, result.dropped, scores)
+        self._evidence = evidence
+        already = torch.as_tensor(already, dtype=torch.long)
+        return apply_drop_rule(self.drop_rule(), evidence, self.state.evidence(), labels.cpu(), already)
 
     def is_round_epoch(self, epoch: int) -> bool:
         """Whether a selection round runs before epoch index ``epoch`` (= number of completed epochs)."""
@@ -460,6 +490,11 @@ class EpicCallback(TrainerCallback):
         capped_per_class: dict[str, int] = payload[0]["capped"]
         selection_seconds = float(payload[0]["seconds"])
         classes_per_rank: list[list[int]] = payload[0]["classes_per_rank"]
+        evidence: dict[str, list] = payload[0]["evidence"] or {
+            "isolated_rows": None,
+            "isolation_scores": None,
+        }
+        self._evidence = None
         newly_t = torch.as_tensor(newly_list, dtype=torch.long)
         dropped = sorted(set(self.state.dropped) | set(newly_list))
         per_class: dict[str, int] = {}
@@ -481,6 +516,8 @@ class EpicCallback(TrainerCallback):
             "clean_dropped_total": None,
             "dropped_share_per_class": {c: round(v, 4) for c, v in shares.items()},
             "capped_per_class": capped_per_class,
+            "drop_rule": self.settings["epic_drop_rule"],
+            **evidence,
             "embedding_source": self.settings["epic_embedding_source"],
             "eval_pass_rows": eval_pass_rows,
             "recorded_rows": self._recorded_counts[0] if self._recorded_counts else None,
@@ -654,21 +691,35 @@ class EpicCallback(TrainerCallback):
             from .selection import find_isolated, merge_results, partition_classes
 
             parts = partition_classes(emb.labels, world)
-            mine = find_isolated(emb.embeddings, emb.labels, classes=parts[rank], **self._selection_kwargs())
+            mine = find_isolated(
+                emb.embeddings,
+                emb.labels,
+                classes=parts[rank],
+                isolation_scores=True,
+                **self._selection_kwargs(),
+            )
             gathered: list[Any] = [None] * world
             torch.distributed.all_gather_object(gathered, _result_to_json(mine))
             merged = merge_results([_result_from_json(r) for r in gathered])
             self.last_selection = merged
-            newly = merged.dropped[~torch.isin(merged.dropped, already)]
+            # the same merged evidence and state on every rank: every rank's rule picks the same rows
+            newly = self._apply_drop_rule(merged, emb.labels, already)
             newly, capped = self._apply_cap(newly, already, emb.losses)
             seconds = max(float(r["seconds"]) for r in gathered) + (
                 time.perf_counter() - start - mine.seconds
             )
             return [
-                {"newly": newly.tolist(), "capped": capped, "seconds": seconds, "classes_per_rank": parts}
+                {
+                    "newly": newly.tolist(),
+                    "capped": capped,
+                    "seconds": seconds,
+                    "classes_per_rank": parts,
+                    "evidence": self._evidence.to_record() if self._evidence is not None else None,
+                }
             ]
         payload: list[Any] = [None]
         if rank == 0:
+            self._evidence = None
             newly = torch.as_tensor(self.select_rows(emb.embeddings, emb.labels, emb.losses, already))
             newly = torch.unique(newly.to(torch.long).flatten())
             newly = newly[~torch.isin(newly, already)]
@@ -682,6 +733,7 @@ class EpicCallback(TrainerCallback):
                     "capped": capped,
                     "seconds": time.perf_counter() - start,
                     "classes_per_rank": parts,
+                    "evidence": self._evidence.to_record() if self._evidence is not None else None,
                 }
             ]
         if world > 1:

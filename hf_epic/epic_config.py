@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainingArguments
 
+from .drop_rules import available_drop_rules
 from .kernels import available_kernels
 from .registry import LiveChoices
 
@@ -16,6 +17,7 @@ __all__ = ["EpicConfig", "default_epic_settings", "validate_epic_settings"]
 
 GREEDY_CHOICES = ("lazy", "stochastic")
 METRIC_CHOICES = LiveChoices(available_kernels)  # the registered similarity kernels (hf_epic.kernels)
+DROP_RULE_CHOICES = LiveChoices(available_drop_rules)  # the registered drop rules (hf_epic.drop_rules)
 EMBEDDING_CHOICES = ("logits_grad", "last_layer_grad")
 EMBEDDING_SOURCE_CHOICES = ("eval_pass", "training_pass")
 
@@ -180,6 +182,30 @@ def validate_epic_settings(values: Mapping[str, Any]) -> dict[str, Any]:
             "Pass e.g. 0.5, or 1.0 for no cap (EPIC still keeps at least one row of every class).",
         )
     out["epic_max_drop_fraction"] = cap
+    out["epic_drop_rule"] = _as_choice(
+        "epic_drop_rule",
+        values["epic_drop_rule"],
+        tuple(DROP_RULE_CHOICES),
+        "Use 'first_isolation' (default, the reference's), 'persistent', 'ranked', or register a rule "
+        "with hf_epic.drop_rules.register_drop_rule.",
+    )
+    out["epic_drop_persistence"] = _as_int("epic_drop_persistence", values["epic_drop_persistence"], "2")
+    if out["epic_drop_persistence"] < 1:
+        raise _bad(
+            "epic_drop_persistence",
+            values["epic_drop_persistence"],
+            "it is the number of consecutive rounds a row must be isolated before it is dropped",
+            "Pass 1 or more (2 by default; 1 drops at the first isolation).",
+        )
+    share = _as_float("epic_drop_rank_share", values["epic_drop_rank_share"], "0.02")
+    if not 0.0 < share <= 1.0:
+        raise _bad(
+            "epic_drop_rank_share",
+            values["epic_drop_rank_share"],
+            "it is the largest share of each class the 'ranked' rule drops per round, in (0, 1]",
+            "Pass e.g. 0.02.",
+        )
+    out["epic_drop_rank_share"] = share
     return out
 
 
@@ -282,6 +308,29 @@ class EpicConfig(TrainingArguments):
             "help": "Largest share of each class EPIC may remove over the whole run, in (0, 1]. A round that "
             "would pass it drops the highest-loss rows up to the cap. Whatever the cap, at least one row of "
             "every class is kept. A warning is logged once a class has lost more than half the cap."
+        },
+    )
+    epic_drop_rule: str = field(
+        default="first_isolation",
+        metadata={
+            "help": "Which isolated rows a round drops: 'first_isolation' (every isolated row, the reference's), "
+            "'persistent' (rows isolated in epic_drop_persistence consecutive rounds), 'ranked' (per class the "
+            "most isolated rows, at most epic_drop_rank_share of the class per round), or another rule "
+            "registered in hf_epic.drop_rules.",
+            "choices": DROP_RULE_CHOICES,
+        },
+    )
+    epic_drop_persistence: int = field(
+        default=2,
+        metadata={
+            "help": "'persistent' rule: consecutive rounds a row must be isolated before it is dropped (>= 1)."
+        },
+    )
+    epic_drop_rank_share: float = field(
+        default=0.02,
+        metadata={
+            "help": "'ranked' rule: largest share of each class dropped per round, in (0, 1]; the rows with "
+            "the highest isolation score go first."
         },
     )
 

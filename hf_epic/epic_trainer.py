@@ -19,12 +19,14 @@ from .epic_config import EpicConfig
 from .state import STATE_FILE_NAME, EpicState
 from .validation import check_train_dataset
 
-__all__ = ["ORIGINAL_ROW_COLUMN", "ROW_INDEX_KEY", "EpicTrainer"]
+__all__ = ["ORIGINAL_ROW_COLUMN", "ROW_INDEX_KEY", "SUSPICION_COLUMNS", "EpicTrainer"]
 
 logger = logging.getLogger(__name__)
 
 MODEL_TAGS = ["hf-epic", "epic", "data-poisoning-defense"]
 ORIGINAL_ROW_COLUMN = "epic_original_row"
+# Columns dropped_dataset() adds beside ORIGINAL_ROW_COLUMN.
+SUSPICION_COLUMNS = ("epic_suspicion", "epic_rounds_isolated", "epic_round_dropped")
 # Batch key carrying each training row's position, added in training-pass mode and removed before the forward.
 ROW_INDEX_KEY = "epic_row_index"
 # Trainer internals EpicTrainer overrides to keep step counts right on a shrinking set (tested: 5.24).
@@ -235,16 +237,148 @@ class EpicTrainer(Trainer):
         The result carries a column ``epic_original_row`` with each row's position in the training set.
         The training set itself is not modified.
         """
+        dataset = self._require_train_dataset()
+        state = self.epic_state
+        kept = state.kept if state is not None else list(range(len(dataset)))
+        return self._select_rows(kept)
+
+    def suspicion_scores(self) -> list[float]:
+        """Every training row's suspicion, in row order (0 for rows never isolated).
+
+        ``suspicion = k + m``: ``k`` the number of rounds that isolated the row, ``m`` the mean of its
+        isolation scores over those rounds (in [0, 1]; one minus the similarity to the nearest other
+        row of its class). Rows isolated in more rounds rank higher; among equals, the more isolated.
+        See :mod:`hf_epic.drop_rules`.
+        """
+        dataset = self._require_train_dataset()
+        state = self.epic_state
+        if state is None:
+            return [0.0] * len(dataset)
+        return state.suspicion().score.tolist()
+
+    def dropped_dataset(self, ranked: bool = True) -> Any:
+        """Return the dropped rows of the training set (``Dataset.select``, format kept), for auditing.
+
+        Columns added: ``epic_original_row`` (position in the training set), ``epic_suspicion``
+        (:meth:`suspicion_scores`), ``epic_rounds_isolated`` and ``epic_round_dropped`` (the round
+        that dropped the row).
+
+        Args:
+            ranked: Order the rows by decreasing suspicion (ties: lowest position first); False keeps
+                the training set's order.
+        """
+        dataset = self._require_train_dataset()
+        state = self.epic_state
+        if state is None:
+            state = EpicState(num_rows=len(dataset))
+        table = state.suspicion()
+        rows = table.ranking(state.dropped).tolist() if ranked else list(state.dropped)
+        values = (table.score.tolist(), table.rounds_isolated.tolist(), state.round_dropped())
+        extra = dict(zip(SUSPICION_COLUMNS, values))
+        return self._select_rows(rows, extra)
+
+    def export_dropped(self, path: str | os.PathLike) -> str:
+        """Write the dropped rows, most suspicious first, to a ``.csv`` or ``.jsonl`` file.
+
+        One line per dropped row with ``row`` (position in the training set), ``label``, ``suspicion``,
+        ``rounds_isolated``, ``mean_isolation_score``, ``max_isolation_score``, ``round_dropped`` and,
+        when the training set has an ``is_poison`` column, ``is_poison``. Written atomically, by the
+        main process only.
+
+        Args:
+            path: The file to write; its extension picks the format.
+
+        Returns:
+            The path written.
+        """
+        import csv
+        import json
+        import tempfile
+
+        path = os.fspath(path)
+        kind = os.path.splitext(path)[1].lower()
+        if kind not in (".csv", ".jsonl"):
+            raise ValueError(
+                f"export_dropped writes .csv or .jsonl files, got {path!r}; end the name with one of them."
+            )
+        dataset = self._require_train_dataset()
+        state = self.epic_state
+        labels = self.epic_callback.labels
+        if labels is None:
+            from .validation import find_label_column, read_labels
+
+            labels = read_labels(dataset, find_label_column(dataset))
+        poison = self.epic_callback.is_poison
+        records = []
+        if state is not None and state.dropped:
+            table = state.suspicion()
+            by_round = state.round_dropped()
+            for r in table.ranking(state.dropped).tolist():
+                record = {
+                    "row": r,
+                    "label": int(labels[r]),
+                    "suspicion": round(float(table.score[r]), 6),
+                    "rounds_isolated": int(table.rounds_isolated[r]),
+                    "mean_isolation_score": float(table.mean_isolation[r]),
+                    "max_isolation_score": float(table.max_isolation[r]),
+                    "round_dropped": by_round[r],
+                }
+                if poison is not None:
+                    record["is_poison"] = bool(poison[r])
+                records.append(record)
+        if not self.is_world_process_zero():
+            return path
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=kind, dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+                if kind == ".jsonl":
+                    for record in records:
+                        handle.write(json.dumps(record) + "\n")
+                else:
+                    names = (
+                        list(records[0])
+                        if records
+                        else [
+                            "row",
+                            "label",
+                            "suspicion",
+                            "rounds_isolated",
+                            "mean_isolation_score",
+                            "max_isolation_score",
+                            "round_dropped",
+                        ]
+                    )
+                    writer = csv.DictWriter(handle, fieldnames=names)
+                    writer.writeheader()
+                    writer.writerows(records)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def _require_train_dataset(self) -> Any:
         if self.train_dataset is None:
             raise ValueError("EpicTrainer has no train_dataset; pass train_dataset=... to the trainer.")
-        state = self.epic_state
-        dataset = self.train_dataset
-        kept = state.kept if state is not None else list(range(len(dataset)))
+        return self.train_dataset
+
+    def _select_rows(self, rows: list[int], extra: dict[str, list] | None = None) -> Any:
+        """``rows`` of the training set with ``epic_original_row`` and ``extra`` columns (one value per
+        row of the training set), in the order of ``rows``, format kept."""
+        dataset = self._require_train_dataset()
         fmt = dataset.format
         raw = dataset.with_format(None)
-        if ORIGINAL_ROW_COLUMN in raw.column_names:
-            raw = raw.remove_columns(ORIGINAL_ROW_COLUMN)
-        selected = raw.add_column(ORIGINAL_ROW_COLUMN, list(range(len(raw)))).select(kept)
+        added = [ORIGINAL_ROW_COLUMN, *(extra or {})]
+        present = [c for c in added if c in raw.column_names]
+        if present:
+            raw = raw.remove_columns(present)
+        raw = raw.add_column(ORIGINAL_ROW_COLUMN, list(range(len(raw))))
+        for name, values in (extra or {}).items():
+            raw = raw.add_column(name, values)
+        selected = raw.select(rows)
         if fmt["type"] == "custom":
             selected.set_transform(
                 fmt["format_kwargs"]["transform"],

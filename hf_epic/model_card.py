@@ -252,6 +252,22 @@ def _cap_context(state: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[st
     }
 
 
+def _drop_rule_sentence(state: dict[str, Any]) -> str:
+    """The drop rule the run used, named, with what it drops (rules registered in this process)."""
+    from .drop_rules import available_drop_rules, get_drop_rule
+
+    config = state.get("config") or {}
+    name = str(config.get("epic_drop_rule", "first_isolation"))
+    if name not in available_drop_rules():
+        return f"`{name}`"
+    rule = get_drop_rule(
+        name,
+        persistence=int(config.get("epic_drop_persistence", 2)),
+        rank_share=float(config.get("epic_drop_rank_share", 0.02)),
+    )
+    return f"`{name}`: {rule.summary}" if rule.summary else f"`{name}`"
+
+
 def _epic_context(
     state: dict[str, Any],
     *,
@@ -329,6 +345,7 @@ def _epic_context(
         "poison_recall": _pct(poisons_dropped or 0, num_poisons or 0),
         "config_rows": [(k, _fmt(v)) for k, v in sorted((state.get("config") or {}).items())],
         **_cap_context(state, rounds),
+        "drop_rule": _drop_rule_sentence(state),
         "round_rows": round_rows,
         "class_round_columns": [r.get("round", i + 1) for i, r in enumerate(rounds)] if show_rounds else [],
         "class_rows": class_rows,

@@ -38,6 +38,11 @@ selected first, as ``argmax`` over the greedy order does in the reference), a cl
 is the number of rows assigned to it (a medoid normally counts itself), and every row whose
 cluster has size ``<= cluster_threshold`` is dropped: these are the isolated points.
 
+With ``isolation_scores=True`` every isolated row ``i`` also gets the score
+``1 - max(0, max_{j in V, j != i} s(i, j))`` (1 for a one-row class): how far it is, in the kernel's
+terms, from its nearest other row of the class. :mod:`hf_epic.drop_rules` decides from these
+which isolated rows a training round drops.
+
 Optimisers
 ----------
 ``greedy="naive"``
@@ -161,6 +166,9 @@ class SelectionResult:
         kept: Sorted row positions of all other rows (of the selected classes).
         per_class: ``label -> {"n": rows, "budget": medoids, "num_dropped": dropped rows}``.
         seconds: Wall-clock time spent in :func:`find_isolated`.
+        isolation_scores: float64, one per row of ``dropped`` (same order): one minus the row's
+            largest similarity to another row of its class, ``1 - max(0, max_{j != i} s(i, j))``
+            (1 for the only row of a class); None unless ``find_isolated(isolation_scores=True)``.
     """
 
     medoids: torch.Tensor
@@ -170,6 +178,7 @@ class SelectionResult:
     kept: torch.Tensor
     per_class: dict[int, dict[str, int]] = field(default_factory=dict)
     seconds: float = 0.0
+    isolation_scores: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -463,6 +472,23 @@ def similarity_kernel(embeddings: torch.Tensor | np.ndarray, metric: str = "eucl
     get_kernel(metric)  # raises on an unknown name
     n = int(emb.shape[0])
     return _Kernel(emb, metric, budget_bytes=8 * n * n + (1 << 24)).matrix
+
+
+def _isolation_scores(kernel: _Kernel, rows: torch.Tensor) -> torch.Tensor:
+    """``1 - max(0, max_{j != i} s(i, j))`` for the class positions ``rows`` (float64, 1 for a one-row class).
+
+    Touches ``len(rows) x n`` similarities, in tiles that fit the kernel's budget (rows of the dense
+    kernel where it is held, recomputed from the embeddings otherwise); never ``n x n``.
+    """
+    out = torch.ones(int(rows.numel()), dtype=torch.float64, device=kernel.device)
+    if kernel.n < 2 or rows.numel() == 0:
+        return out.cpu()
+    for k0, k1, tile in kernel.row_chunks(rows):  # fresh tensors (gathered or recomputed rows)
+        idx = torch.arange(k1 - k0, device=kernel.device)
+        tile[idx, rows[k0:k1]] = -math.inf  # not the row itself
+        best = tile.max(dim=1).values.clamp_min_(0.0).to(torch.float64)
+        out[k0:k1] = 1.0 - best
+    return out.cpu()
 
 
 # --------------------------------------------------------------------------- greedy
@@ -768,7 +794,7 @@ def _scheduled(
     build: Any,
     finish: Any,
     workers: int,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[int, tuple[torch.Tensor, ...]]:
     """Runs ``finish(k, build(k, workspace))`` for every job on ``workers`` threads.
 
     ``build`` makes a class's kernel and runs its first, large greedy steps: a few large tensor
@@ -784,7 +810,7 @@ def _scheduled(
     free = [[] for _ in range(workers)]  # workspaces (reused buffers for the dense kernel)
     built: list[tuple[int, Any, list[torch.Tensor]]] = []  # (job, what build returned, workspace)
     state = {"next": 0, "greedy": False, "error": None}
-    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    done: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def worker() -> None:
         while True:
@@ -846,6 +872,7 @@ def find_isolated(
     epsilon: float = 0.01,
     memory_budget_mb: float = 1024,
     classes: Sequence[int] | None = None,
+    isolation_scores: bool = False,
 ) -> SelectionResult:
     """Finds EPIC's isolated points: rows in small clusters of per-class facility location.
 
@@ -875,6 +902,9 @@ def find_isolated(
             medoids, assignment and seed as in a call over every class, so the results of
             disjoint ``classes`` covering every label, combined by :func:`merge_results`, equal
             that call's (see :func:`partition_classes` to split the classes among processes).
+        isolation_scores: Also score every dropped row by ``1 - max(0, max_{j != i} s(i, j))`` over
+            the other rows ``j`` of its class (``SelectionResult.isolation_scores``); costs
+            ``len(dropped) x n_c`` similarity evaluations per class, in tiles.
 
     Returns:
         A :class:`SelectionResult`.
@@ -908,6 +938,7 @@ def find_isolated(
             memory_budget_mb,
             workers=workers,
             only=classes,
+            scores=isolation_scores,
         )
     result.seconds = time.perf_counter() - start
     return result
@@ -925,10 +956,12 @@ def _find_isolated(
     memory_budget_mb: float,
     workers: int = 1,
     only: Sequence[int] | None = None,
+    scores: bool = False,
 ) -> SelectionResult:
     """:func:`find_isolated` without the thread setting and timing (same arguments).
 
-    ``workers`` classes are processed concurrently; ``only`` is ``classes``.
+    ``workers`` classes are processed concurrently; ``only`` is ``classes``; ``scores`` is
+    ``isolation_scores``.
     """
     emb, lab = _check_inputs(
         embeddings, labels, fraction, metric, greedy, cluster_threshold, seed, epsilon, memory_budget_mb
@@ -958,12 +991,16 @@ def _find_isolated(
         kernel = _Kernel(emb[rows], metric, share, workspace)
         return kernel, _start_class(kernel, float(fraction), greedy)
 
-    def finish(k: int, built: tuple[_Kernel, _DenseSteps | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(k: int, built: tuple[_Kernel, _DenseSteps | None]) -> tuple[torch.Tensor, ...]:
         rows = order[starts[k] : starts[k] + counts[k]]
         generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + k) % (1 << 63))
         kernel, steps = built
         med, assign = _select_class(kernel, float(fraction), greedy, generator, epsilon, share, steps)
-        return rows[med], rows[assign]
+        if not scores:
+            return rows[med], rows[assign]
+        sizes = torch.bincount(assign, minlength=kernel.n)
+        isolated = (sizes[assign] <= int(cluster_threshold)).nonzero().squeeze(1)
+        return rows[med], rows[assign], rows[isolated].cpu(), _isolation_scores(kernel, isolated)
 
     by_size = sorted(chosen, key=lambda k: -counts[k])  # largest first
     if workers > 1:
@@ -973,9 +1010,12 @@ def _find_isolated(
         done = {k: finish(k, build(k, workspace)) for k in by_size}
     all_medoids: list[torch.Tensor] = []
     per_class: dict[int, dict[str, int]] = {}
+    score_by_row = torch.full((n,), math.nan, dtype=torch.float64) if scores else None
     for k in sorted(chosen):
         label = label_list[k]
-        med, assign = done[k]
+        med, assign = done[k][:2]
+        if score_by_row is not None:
+            score_by_row[done[k][2]] = done[k][3]
         assignment[order[starts[k] : starts[k] + counts[k]]] = assign
         all_medoids.append(med)
         per_class[int(label)] = {"n": counts[k], "budget": int(med.numel()), "num_dropped": 0}
@@ -1001,6 +1041,7 @@ def _find_isolated(
         dropped=dropped,
         kept=kept,
         per_class=per_class,
+        isolation_scores=None if score_by_row is None else score_by_row[dropped],
     )
 
 
@@ -1063,7 +1104,7 @@ def merge_results(results: Sequence[SelectionResult]) -> SelectionResult:
     With the same embeddings, labels and settings on every process and ``classes`` from
     :func:`partition_classes`, the merged result equals that of one call over every class
     (medoids class by class in sorted label order, assignment, cluster sizes, dropped and
-    kept rows, per-class counts); ``seconds`` is the longest of the parts (they run side by side).
+    kept rows, per-class counts, isolation scores where every part has them); ``seconds`` is the longest of the parts (they run side by side).
 
     Args:
         results: One result per process (e.g. gathered with
@@ -1080,6 +1121,8 @@ def merge_results(results: Sequence[SelectionResult]) -> SelectionResult:
     per_class: dict[int, dict[str, int]] = {}
     pieces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     dropped, kept = [], []
+    scored = all(res.isolation_scores is not None for res in results)
+    score_by_row = torch.full((n,), math.nan, dtype=torch.float64) if scored else None
     for res in results:
         if int(res.assignment.numel()) != n:
             raise ValueError(
@@ -1099,18 +1142,22 @@ def merge_results(results: Sequence[SelectionResult]) -> SelectionResult:
         assignment[mine] = res.assignment[mine]
         dropped.append(res.dropped)
         kept.append(res.kept)
+        if score_by_row is not None and res.isolation_scores is not None:
+            score_by_row[res.dropped] = res.isolation_scores.to(torch.float64)
     if bool((assignment < 0).any()):
         raise ValueError(
             f"{int((assignment < 0).sum())} row(s) belong to classes that no result selected; "
             "merge the results of every process (their classes must cover every label)."
         )
     labels = sorted(pieces)
+    all_dropped = torch.sort(torch.cat(dropped)).values
     return SelectionResult(
         medoids=torch.cat([pieces[label][0] for label in labels]),
         assignment=assignment,
         cluster_sizes=torch.cat([pieces[label][1] for label in labels]),
-        dropped=torch.sort(torch.cat(dropped)).values,
+        dropped=all_dropped,
         kept=torch.sort(torch.cat(kept)).values,
         per_class={label: per_class[label] for label in labels},
         seconds=max(float(res.seconds) for res in results),
+        isolation_scores=None if score_by_row is None else score_by_row[all_dropped],
     )

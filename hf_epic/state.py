@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .drop_rules import RoundEvidence, Suspicion, suspicion
+
 STATE_FILE_NAME = "epic_state.json"
 STATE_VERSION = 1
 
@@ -38,6 +40,9 @@ RESUME_CHECKED_SETTINGS = (
     "epic_embedding_source",
     "epic_stochastic_epsilon",
     "epic_max_drop_fraction",
+    "epic_drop_rule",
+    "epic_drop_persistence",
+    "epic_drop_rank_share",
 )
 
 
@@ -96,6 +101,28 @@ class EpicState:
     def num_dropped(self) -> int:
         """Number of rows dropped so far."""
         return len(self.dropped)
+
+    def evidence(self) -> list[RoundEvidence]:
+        """The isolation evidence of every round that recorded some, oldest first.
+
+        A round record without ``isolated_rows`` (a custom ``select_rows``, or a file written before
+        the evidence was kept) contributes nothing.
+        """
+        found = (RoundEvidence.from_record(r, i) for i, r in enumerate(self.rounds))
+        return [e for e in found if e is not None]
+
+    def suspicion(self) -> Suspicion:
+        """Every row's suspicion from the recorded evidence (:func:`hf_epic.drop_rules.suspicion`)."""
+        return suspicion(self.evidence(), self.num_rows)
+
+    def round_dropped(self) -> list[int | None]:
+        """For every row, the number of the round that dropped it (None for kept rows)."""
+        out: list[int | None] = [None] * self.num_rows
+        for i, record in enumerate(self.rounds):
+            for row in record.get("newly_dropped") or []:
+                if 0 <= int(row) < self.num_rows and out[int(row)] is None:
+                    out[int(row)] = int(record.get("round", i + 1))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (key order as in the contract)."""
@@ -220,6 +247,18 @@ def check_state_matches_run(
             f"{where} has inconsistent epoch boundaries (starts {starts[:5]}..., ends {ends[:5]}...); the file is "
             "damaged. Resume from another checkpoint."
         )
+    for i, record in enumerate(state.rounds):
+        rows = record.get("isolated_rows")
+        if rows is None:
+            continue
+        scores = record.get("isolation_scores") or []
+        outside = [r for r in rows if not 0 <= int(r) < num_rows]
+        if outside or len(scores) != len(rows) or len(set(rows)) != len(rows):
+            raise ValueError(
+                f"{where}: round {record.get('round', i + 1)} lists isolated rows outside [0, {num_rows}) or "
+                f"twice (e.g. {outside[:3]}), or {len(scores)} isolation scores for {len(rows)} rows; the file "
+                "is damaged or from another training set. Resume from another checkpoint."
+            )
     defaults = default_epic_settings()
     differ = []
     for name in RESUME_CHECKED_SETTINGS:

@@ -154,3 +154,13 @@ def test_exact_greedy_on_a_huge_class_warns_it_will_be_slow(monkeypatch, caplog)
         find_isolated(emb, labels, 0.1)  # dense kernel: nothing to warn about
         find_isolated(emb, labels, 0.1, greedy="stochastic", memory_budget_mb=TINY_BUDGET_MB)
     assert caplog.text == ""
+
+
+def test_isolation_scores_on_cells_equal_the_dense_ones(cells_for_small_classes):
+    emb, labels = _gradient_like(600, 3, seed=3, isolated=6)
+    dense = find_isolated(emb, labels, 0.2, greedy="stochastic", isolation_scores=True)
+    pruned = find_isolated(
+        emb, labels, 0.2, greedy="stochastic", isolation_scores=True, memory_budget_mb=TINY_BUDGET_MB
+    )
+    assert torch.equal(dense.dropped, pruned.dropped)
+    assert pruned.isolation_scores.tolist() == pytest.approx(dense.isolation_scores.tolist(), abs=1e-6)

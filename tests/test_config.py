@@ -59,6 +59,11 @@ def test_every_epic_field_has_help_and_parses_from_the_command_line():
         ("epic_embedding_batch_size", 0, ValueError, "positive int"),
         ("epic_memory_budget_mb", 0, ValueError, ">= 1"),
         ("epic_stochastic_epsilon", 1.0, ValueError, "strictly between 0 and 1"),
+        ("epic_drop_rule", "first", ValueError, "'first_isolation'"),
+        ("epic_drop_persistence", 0, ValueError, "Pass 1 or more"),
+        ("epic_drop_persistence", 2.0, TypeError, "must be an int"),
+        ("epic_drop_rank_share", 0.0, ValueError, "in (0, 1]"),
+        ("epic_drop_rank_share", 1.5, ValueError, "Pass e.g. 0.02"),
     ],
 )
 def test_config_rejects_bad_values_with_the_fix(tmp_path, field, value, error, words):

@@ -121,3 +121,16 @@ def test_two_processes_select_disjoint_classes_and_gather_the_one_process_result
     for record in records:
         assert record["dropped"] == whole.dropped.tolist()
         assert record["medoids"] == whole.medoids.tolist()
+
+
+def test_merged_partitions_carry_the_isolation_scores_of_one_process():
+    emb, labels = _data()
+    whole = find_isolated(emb, labels, 0.2, isolation_scores=True)
+    shares = partition_classes(labels, 3)
+    parts = [find_isolated(emb, labels, 0.2, classes=share, isolation_scores=True) for share in shares]
+    merged = merge_results(parts[::-1])
+    _assert_same(merged, whole)
+    assert torch.equal(merged.isolation_scores, whole.isolation_scores)
+    # a part without scores: the merged result has none
+    parts[0] = find_isolated(emb, labels, 0.2, classes=shares[0])
+    assert merge_results(parts).isolation_scores is None

@@ -197,10 +197,11 @@ def test_every_public_name_of_the_experiment_layer_resolves():
 
 
 def test_the_docs_name_every_registered_entry():
-    """docs/api.md lists the attacks, defenses, model kinds and data sets the registries hold."""
+    """docs/api.md lists the attacks, defenses, model kinds, data sets and drop rules the registries hold."""
+    from hf_epic.drop_rules import available_drop_rules
     from hf_epic.experiments import dataset_names
 
     api = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
-    names = [*attack_names(), *defense_names(), *model_kinds(), *dataset_names()]
+    names = [*attack_names(), *defense_names(), *model_kinds(), *dataset_names(), *available_drop_rules()]
     missing = [name for name in names if f"`{name}`" not in api and f"craft_{name}" not in api]
     assert not missing, f"docs/api.md does not name {missing}; add them where the registries are listed"

@@ -184,3 +184,22 @@ def test_text_classifier_with_dynamic_padding_on_two_processes(tmp_path):
     assert rank0["global_step"] == rank0["max_steps"]
     assert 0 < len(rank0["dropped"]) < 0.3 * 120
     assert rank0["poisons_dropped_total"] >= 3  # of the 6 rows planted with the other class's label
+
+
+@pytest.mark.multiprocess
+def test_a_drop_rule_decides_alike_on_two_processes_and_on_one(tmp_path):
+    """With the 'ranked' rule the ranks merge their classes' isolation evidence and pick the same rows,
+    the rows one process picks from the same evidence."""
+    common = ["--rows", str(ROWS), "--epochs", "2", "--drop_rule", "ranked"]
+    two = ["--output_dir", str(tmp_path / "two"), "--batch_size", str(PER_DEVICE_BATCH), *common]
+    _launch(_two_processes(SCRIPT, *two), tmp_path)
+    one = ["--output_dir", str(tmp_path / "one"), "--batch_size", str(2 * PER_DEVICE_BATCH), *common]
+    _launch([sys.executable, str(SCRIPT), *one], tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1))
+    single = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    evidence = ("isolated_rows", "isolation_scores", "newly_dropped", "drop_rule")
+    per_rank = [[{k: r[k] for k in evidence} for r in run["records"]] for run in (rank0, rank1, single)]
+    assert per_rank[0] == per_rank[1] == per_rank[2]
+    assert rank0["dropped"] == rank1["dropped"] == single["dropped"]
+    first = per_rank[0][0]
+    assert first["drop_rule"] == "ranked" and set(first["newly_dropped"]) < set(first["isolated_rows"])

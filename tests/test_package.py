@@ -22,3 +22,13 @@ def test_selection_engine_imports_without_hugging_face_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"hf_epic.selection pulled in: {out.stdout.strip()}"
+
+
+def test_drop_rules_import_without_hugging_face_libraries():
+    code = (
+        "import sys, hf_epic.drop_rules; "
+        "bad = [m for m in ('transformers', 'datasets', 'accelerate', 'evaluate', 'timm') if m in sys.modules]; "
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"hf_epic.drop_rules pulled in: {out.stdout.strip()}"

@@ -117,3 +117,34 @@ def test_resume_with_other_epic_settings_is_refused_before_training(tmp_path):
     smaller = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=train.select(range(90)))
     with pytest.raises(ValueError, match="covers 96 rows but the training set has 90"):
         smaller.train(resume_from_checkpoint=True)
+
+
+def test_resume_restores_the_isolation_evidence_a_persistent_rule_needs(tmp_path):
+    """Round 2 of the 'persistent' rule drops rows isolated in rounds 1 and 2: a run resumed between
+    the two rounds reads round 1's evidence from the checkpoint and drops what the full run drops."""
+
+    def run(folder, resume=None):
+        args = make_config(
+            folder,
+            num_train_epochs=3,
+            per_device_train_batch_size=16,
+            save_strategy="epoch",
+            epic_fraction=0.3,
+            epic_drop_rule="persistent",
+        )
+        trainer = EpicTrainer(model=tiny_vit(0), args=args, train_dataset=with_pixels(small_digits(96)))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path)
+    rounds = full.epic_state.rounds
+    assert len(rounds) == 2 and rounds[0]["newly_dropped"] == []  # one isolation is not enough
+    twice = sorted(set(rounds[0]["isolated_rows"]) & set(rounds[1]["isolated_rows"]))
+    assert twice and rounds[1]["newly_dropped"] == twice
+    checkpoint = tmp_path / f"checkpoint-{full.epic_state.epoch_end_steps[1]}"
+    saved = EpicState.load(checkpoint)
+    assert len(saved.rounds) == 1 and saved.rounds[0]["isolated_rows"] == rounds[0]["isolated_rows"]
+    resumed = run(tmp_path, resume=str(checkpoint))
+    assert resumed.epic_state.rounds[1]["newly_dropped"] == twice
+    assert resumed.epic_state.rounds[1]["isolation_scores"] == rounds[1]["isolation_scores"]
+    assert resumed.suspicion_scores() == full.suspicion_scores()

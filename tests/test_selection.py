@@ -480,3 +480,51 @@ def test_cuda_stochastic_reproducible_and_planted_points_found():
     planted = set(range(len(x) - 12, len(x)))
     exact = find_isolated(x.cuda(), labels.cuda(), 0.1)
     assert planted <= set(exact.dropped.tolist())
+
+
+# --------------------------------------------------------------------------- isolation scores
+
+
+def _brute_isolation(emb: torch.Tensor, labels: torch.Tensor, row: int, metric: str) -> float:
+    """1 - max(0, max_{j != row} s(row, j)) over the row's class, from the dense kernel."""
+    mine = (labels == labels[row]).nonzero().squeeze(1)
+    if mine.numel() == 1:
+        return 1.0
+    sims = similarity_kernel(emb[mine], metric)[(mine == row).nonzero().item()].double()
+    sims[(mine == row).nonzero().item()] = -math.inf
+    return 1.0 - max(0.0, float(sims.max()))
+
+
+@pytest.mark.parametrize("metric", ALL_KERNELS)
+def test_isolation_scores_are_one_minus_the_nearest_other_rows_similarity(metric):
+    emb, labels = _gradient_like(400, 3, 21)
+    emb, labels = torch.cat([emb, emb[:1] + 0.3]), torch.cat([labels, torch.tensor([7])])  # a one-row class
+    plain = find_isolated(emb, labels, 0.3, metric=metric)
+    scored = find_isolated(emb, labels, 0.3, metric=metric, isolation_scores=True)
+    assert plain.isolation_scores is None
+    assert torch.equal(plain.dropped, scored.dropped) and torch.equal(plain.medoids, scored.medoids)
+    assert scored.isolation_scores.dtype == torch.float64
+    assert scored.isolation_scores.shape == scored.dropped.shape
+    want = [_brute_isolation(emb, labels, r, metric) for r in scored.dropped.tolist()]
+    assert scored.isolation_scores.tolist() == pytest.approx(want, abs=1e-6)
+    assert scored.isolation_scores[scored.dropped == 400].tolist() == [1.0]  # alone in class 7
+    # in tiles (the kernel is not held) the scores are the same
+    tiled = find_isolated(emb, labels, 0.3, metric=metric, isolation_scores=True, memory_budget_mb=0.05)
+    assert torch.equal(tiled.dropped, scored.dropped)
+    assert tiled.isolation_scores.tolist() == pytest.approx(scored.isolation_scores.tolist(), abs=1e-6)
+
+
+def test_isolation_scores_with_concurrent_classes_and_a_larger_threshold():
+    emb, labels = _gradient_like(600, 5, 12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = find_isolated(emb, labels, 0.2, cluster_threshold=2, isolation_scores=True)
+        torch.set_num_threads(3)
+        three = find_isolated(emb, labels, 0.2, cluster_threshold=2, isolation_scores=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.dropped, three.dropped)
+    assert torch.equal(one.isolation_scores, three.isolation_scores)
+    want = [_brute_isolation(emb, labels, r, "euclidean") for r in one.dropped.tolist()]
+    assert one.isolation_scores.tolist() == pytest.approx(want, abs=1e-6)

@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--embedding_source", default="eval_pass", choices=["eval_pass", "training_pass"])
     parser.add_argument("--save_embeddings", action="store_true", help="save each round's embeddings")
+    parser.add_argument("--drop_rule", default="first_isolation", help="epic_drop_rule")
     options = parser.parse_args()
 
     collator = RecordingCollator()
@@ -40,6 +41,7 @@ def main() -> None:
         epic_fraction=0.3,
         epic_embedding_source=options.embedding_source,
         epic_save_embeddings=options.save_embeddings,
+        epic_drop_rule=options.drop_rule,
     )
     trainer = EpicTrainer(
         model=tiny_vit(0),
