@@ -285,6 +285,31 @@ def test_epic_options_reach_the_trainer(tmp_path):
     assert dropped[2] > dropped[1] > 0
 
 
+def test_drop_rule_defenses_run_epic_under_their_rule(tmp_path):
+    """epic-0.2-persistent / epic-0.2-ranked train EPIC-0.2 under that drop rule (the state records it);
+    the reference rule drops every isolated row, the others a subset of the same round's isolated rows."""
+    config = BenchmarkConfig(**{**SMALL, "epic_stop_epoch": 2})
+    splits = load_splits(config, config.seed)
+    poisoned, spec, _ = craft_or_load("badnets", 0, splits, config, tmp_path / "poisons")
+    rounds = {}
+    for defense in ("epic-0.2", "epic-0.2-persistent", "epic-0.2-ranked"):
+        run_cell(0, "badnets", defense, poisoned, spec, splits["test"], config, tmp_path / defense)
+        rounds[defense] = json.loads((tmp_path / defense / "epic_state.json").read_text())["rounds"]
+    assert [r["drop_rule"] for r in rounds["epic-0.2"]] == ["first_isolation"]
+    assert [r["drop_rule"] for r in rounds["epic-0.2-persistent"]] == ["persistent"]
+    assert [r["drop_rule"] for r in rounds["epic-0.2-ranked"]] == ["ranked"]
+    # one round, same model: the same isolated rows; persistence needs two rounds, so nothing is dropped yet
+    isolated = set(rounds["epic-0.2"][0]["isolated_rows"])
+    assert isolated and set(rounds["epic-0.2-persistent"][0]["isolated_rows"]) == isolated
+    assert set(rounds["epic-0.2"][0]["newly_dropped"]) == isolated
+    assert rounds["epic-0.2-persistent"][0]["newly_dropped"] == []
+    # ranked: at most ceil(0.02 * ~20 rows) = 1 row of each class per round, among the isolated ones
+    ranked = rounds["epic-0.2-ranked"][0]["newly_dropped"]
+    labels = poisoned["label"]
+    assert ranked and set(ranked) <= isolated
+    assert len({labels[i] for i in ranked}) == len(ranked)
+
+
 def test_training_pass_embeddings_reach_the_benchmark_cells(tmp_path):
     """--epic_embedding_source training_pass: EPIC and a baseline at its counts take the embeddings from
     the training forward pass (the run's state says so), and the cell records its drops."""

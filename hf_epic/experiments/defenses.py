@@ -12,7 +12,7 @@ The benchmark's ``--defenses`` choices and its report's order are read from here
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..registry import Registry
@@ -40,6 +40,7 @@ class DefenseInfo:
         group: ``"none"``, ``"epic"``, ``"baseline"`` or ``"control"`` (see :data:`GROUPS`).
         epic_enabled: Whether EPIC's rounds run (a baseline's callback replaces their selection).
         epic_fraction: EPIC's subset fraction.
+        epic_settings: Other ``EpicConfig`` fields the defense sets (e.g. its ``epic_drop_rule``).
         callback: ``callback(args, schedule, seed) -> EpicCallback``: replaces EPIC's selection (None:
             EPIC's own).
         needs_schedule: The callback replays the reference EPIC cell's per-round per-class drop counts.
@@ -52,6 +53,7 @@ class DefenseInfo:
     group: str
     epic_enabled: bool = True
     epic_fraction: float = 0.2
+    epic_settings: Mapping[str, Any] = field(default_factory=dict)
     callback: Callable[[Any, Sequence[Mapping[int, int]] | None, int], Any] | None = None
     needs_schedule: bool = False
     clean_set: bool = False
@@ -93,6 +95,9 @@ def matching_control() -> dict[str, str]:
 register_defense("none", group="none", epic_enabled=False)
 for _fraction in (0.1, 0.2, 0.3):
     register_defense(f"epic-{_fraction}", group="epic", epic_fraction=_fraction)
+# EPIC-0.2 with the alternative drop rules of hf_epic.drop_rules, at their default settings
+for _rule in ("persistent", "ranked"):
+    register_defense(f"epic-0.2-{_rule}", group="epic", epic_settings={"epic_drop_rule": _rule})
 register_defense("clean-control", group="control", epic_enabled=False, clean_set=True, control_of="none")
 register_defense("clean-epic-0.2", group="control", epic_fraction=0.2, clean_set=True, control_of="epic-0.2")
 

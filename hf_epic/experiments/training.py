@@ -76,7 +76,7 @@ def apply_defense(
     if info.needs_schedule and schedule is None:
         raise ValueError(f"The {defense!r} defense needs the reference EPIC run's drop schedule.")
     args = dataclasses.replace(
-        training_args, epic_enabled=info.epic_enabled, epic_fraction=info.epic_fraction
+        training_args, epic_enabled=info.epic_enabled, epic_fraction=info.epic_fraction, **info.epic_settings
     )
     callback = info.callback(args, schedule, seed) if info.callback is not None else None
     return args, callback
