@@ -308,6 +308,16 @@ def test_drop_rule_defenses_run_epic_under_their_rule(tmp_path):
     labels = poisoned["label"]
     assert ranked and set(ranked) <= isolated
     assert len({labels[i] for i in ranked}) == len(ranked)
+    # benchmarks/replay_drop_rules.py replays a rule on a recorded run's evidence: on the reference run,
+    # the reference rule gives its recorded drops, and the ranked rule the ranked run's first round
+    spec = importlib.util.spec_from_file_location("replay", REPO / "benchmarks" / "replay_drop_rules.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    state = json.loads((tmp_path / "epic-0.2" / "epic_state.json").read_text())
+    labels = torch.tensor(labels)
+    assert replay.replay(state, labels, "first_isolation", {}) == set(state["dropped"])
+    assert replay.replay(state, labels, "ranked", {"rank_share": 0.02}) == set(ranked)
+    assert replay.replay(state, labels, "persistent", {"persistence": 2}) == set()
 
 
 def test_training_pass_embeddings_reach_the_benchmark_cells(tmp_path):
