@@ -39,6 +39,17 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL_DEFENSES = "none epic-0.1 epic-0.2 epic-0.3 random high-loss low-confidence clean-control"
 DATA = "--dataset_name fashion_mnist --image_size 28 --model_kind vit-p7 --max_eval_rows 2000"
 EPS = {"16": 16 / 255, "8": 8 / 255}
+NAMES = {
+    "bullseye_polytope": "Bullseye Polytope",
+    "feature_collision": "Feature Collision",
+    "gradient_matching": "gradient matching",
+    "badnets": "BadNets",
+    "sleeper_agent": "Sleeper Agent",
+}
+
+
+def _name(attack: str) -> str:
+    return NAMES.get(attack, attack.replace("_", " "))
 
 
 def _kwargs(attacks: Sequence[str], **values: Any) -> str:
@@ -242,11 +253,46 @@ def cell_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 f"{row['poisons_dropped']:.1f} of {row['num_poisons']:.0f} ({_pct(row['poison_recall'], 0)})"
             )
         )
-        clean = "–" if row["defense"] == "none" else _pct(row["clean_dropped_fraction"])
+        clean = "–" if control or row["defense"] == "none" else _pct(row["clean_dropped_fraction"])
         lines.append(
-            f"| {row['attack'].replace('_', ' ')} | {row['defense']} | {row['trials']} | {_asr(row)} | "
+            f"| {_name(row['attack'])} | {row['defense']} | {row['trials']} | {_asr(row)} | "
             f"{_vs_none(row)} | {_pct(row['clean_accuracy'])} | {poisons} | {clean} | "
             f"{row['wall_seconds']:.0f} |"
+        )
+    return lines
+
+
+def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per attack, one sentence on EPIC-0.2 against no defense, drawn from the summary rows."""
+    by = {(r["attack"], r["defense"]): r for r in rows}
+    lines = []
+    for attack in dict.fromkeys(r["attack"] for r in rows):
+        none, epic = by.get((attack, "none")), by.get((attack, "epic-0.2"))
+        if none is None or epic is None:
+            continue
+        name = _name(attack)
+        name = name[0].upper() + name[1:]
+        if epic["vs_none_paired"]:
+            effect = (
+                f"EPIC-0.2 saved {epic['vs_none_saved']} and lost {epic['vs_none_lost']} of the "
+                f"{epic['vs_none_paired']} targets (p = {epic['vs_none_p']:.2f})"
+            )
+        else:
+            effect = (
+                f"EPIC-0.2 took attack success from {_pct(none['attack_success_rate'])} to "
+                f"{_pct(epic['attack_success_rate'])}"
+            )
+        ratio = (
+            epic["poison_recall"] / epic["clean_dropped_fraction"]
+            if epic["clean_dropped_fraction"]
+            else math.nan
+        )
+        lines.append(
+            f"{name}: {effect}, at {100 * (none['clean_accuracy'] - epic['clean_accuracy']):.1f} points of clean "
+            f"accuracy; it dropped {_pct(epic['poison_recall'], 0)} of the poisons and "
+            f"{_pct(epic['clean_dropped_fraction'], 0)} of the clean rows"
+            + ("" if math.isnan(ratio) else f" ({ratio:.1f} times the clean rows' share)")
+            + "."
         )
     return lines
 
@@ -304,7 +350,7 @@ def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
             )
             lines.append(
                 f"| {CELLS[name].short}"
-                f" | {attack.replace('_', ' ')} | {epic['trials']} | {rate(none)} | {rate(epic)} | "
+                f" | {_name(attack)} | {epic['trials']} | {rate(none)} | {rate(epic)} | "
                 f"{_pct(none['clean_accuracy'])} → {_pct(epic['clean_accuracy'])} | "
                 f"{_pct(epic['poison_recall'], 0)} / {_pct(epic['clean_dropped_fraction'], 0)} |"
             )
@@ -363,6 +409,10 @@ def write_page(args: PageArguments) -> str:
         "",
         *demo_section(out / "demo"),
         "",
+        "Bullseye Polytope's poisons all aim at one target's features, so in their class's gradient space "
+        "they form one dense cluster (the PCA plot of `model_cards/finetune_vit_fashion_mnist/` shows it); "
+        "EPIC removes only rows left alone in a cluster of their own.",
+        "",
     ]
     unfinished = []
     for name, cell in CELLS.items():
@@ -379,7 +429,7 @@ def write_page(args: PageArguments) -> str:
             low = [f"{d} ({counts.get((attack, d), 0)})" for d in grid.defenses]
             low = [x for x, d in zip(low, grid.defenses) if counts.get((attack, d), 0) < args.expected_trials]
             if low:
-                short.append(f"{attack.replace('_', ' ')}: {', '.join(low)}")
+                short.append(f"{_name(attack)}: {', '.join(low)}")
         if short:
             unfinished.append(f"`{name}`, trials so far: {'; '.join(short)}")
         lines += [
@@ -393,6 +443,7 @@ def write_page(args: PageArguments) -> str:
             "",
             *cell_table(rows),
             "",
+            *[line for sentence in epic_summary(rows) for line in (sentence, "")],
         ]
     lines += HOW_TO_READ.splitlines() + [""]
     if unfinished:

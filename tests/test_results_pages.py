@@ -42,7 +42,7 @@ def test_fashion_mnist_page_and_readme_table_are_drawn_from_the_records(tmp_path
     )
     assert readme.read_text() == (ROOT / "README.md").read_text(), "README's results table is out of date."
     # the table is there, with a row per attack of every cell that has records
-    assert "| transfer, 1 %, 16/255 | bullseye polytope |" in readme.read_text()
+    assert "| transfer, 1 %, 16/255 | Bullseye Polytope |" in readme.read_text()
 
 
 @pytest.mark.parametrize("name", list(_page_module().CELLS))
