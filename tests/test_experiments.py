@@ -174,12 +174,12 @@ def test_choices_come_from_the_registries():
     )
     bench = HfArgumentParser((BenchmarkArguments, BenchmarkConfig))._option_string_actions
     assert list(bench["--defenses"].choices) == list(defense_names())
-    assert list(bench["--baseline_reference"].choices) == ["epic-0.1", "epic-0.2", "epic-0.3"]
+    assert list(bench["--baseline_reference"].choices) == list(defense_names("epic"))
     assert attack_names("targeted") == ("gradient_matching", "bullseye_polytope", "feature_collision")
     assert attack_names("backdoor") == ("sleeper_agent", "badnets")
     assert defense_names() == (
-        "none", "epic-0.1", "epic-0.2", "epic-0.3", "random", "high-loss", "low-confidence",
-        "clean-control", "clean-epic-0.2",
+        "none", "epic-0.1", "epic-0.2", "epic-0.3", "epic-0.2-persistent", "epic-0.2-ranked", "random",
+        "high-loss", "low-confidence", "clean-control", "clean-epic-0.2",
     )  # fmt: skip
     with pytest.raises(ValueError, match="already registered"):
         register_defense("none", group="none")
