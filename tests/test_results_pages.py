@@ -3,8 +3,10 @@ committed text, and every cell's command resumes its folder (same settings)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,13 @@ from hf_epic.experiments.defenses import defense_names
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
 def _page_module():
     spec = importlib.util.spec_from_file_location(
         "fashion_mnist_page", ROOT / "benchmarks" / "fashion_mnist_page.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
