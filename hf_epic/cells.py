@@ -147,6 +147,9 @@ class Cells:
         group = _kd_cells(x64, leaf * _GROUP, max_width=_GROUP_WIDTH * typical)
         cell = _kd_cells(x64, leaf, start=group, max_width=_CELL_WIDTH * typical)
         k = int(cell.max()) + 1
+        # cells numbered group by group: the cells of a group are consecutive
+        by_group = torch.argsort(torch.zeros(k, dtype=torch.int64).index_copy_(0, cell, group), stable=True)
+        cell = torch.empty(k, dtype=torch.int64).index_copy_(0, by_group, torch.arange(k))[cell]
         self.num_cells = k
         self.cell_of = cell
         # members[b] = rows of cell b, padded with the sentinel row n
@@ -181,8 +184,22 @@ class Cells:
         self.group_radius = gradius * (1.0 + 1e-6) + self.slack
         self.group_center_sq = (self.group_center * self.group_center).sum(dim=1)
         self.group_cells = _padded_members(self.group_of_cell, num_groups, fill=k)
+        self.group_num_cells = torch.bincount(self.group_of_cell, minlength=num_groups)
+        self.group_first_cell = torch.cumsum(self.group_num_cells, 0) - self.group_num_cells
         self.group_reach = torch.full((num_groups,), math.inf, dtype=torch.float64)
         self.group_size = torch.bincount(group, minlength=num_groups)
+        # The group test as one float32 matrix product (:meth:`_active_groups`): rows
+        # [-2 mu_g; b_g] with b_g = ||mu_g||^2 - limit_g, lowered by a bound on the rounding.
+        self.norm_bound = math.sqrt(max(max_sq, 0.0))
+        self.group_center_norm = self.group_center_sq.sqrt()
+        self.group_test = torch.empty(self.dim + 1, num_groups, dtype=torch.float32)
+        self.group_test[: self.dim] = (-2.0 * self.group_center).T
+        self._update_group_test(torch.arange(num_groups))
+        # the same for the cells, one row per cell: [-2 mu_b, b_b]
+        self.center_norm = self.center_sq.sqrt()
+        self.cell_test = torch.empty(k, self.dim + 1, dtype=torch.float32)
+        self.cell_test[:, : self.dim] = -2.0 * self.center
+        self._update_cell_test(torch.arange(k))
 
     @property
     def assign(self) -> torch.Tensor:
@@ -194,30 +211,79 @@ class Cells:
 
     # ----------------------------------------------------------------- geometry
 
-    def _active_groups(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidate, group) pairs passing test (1) with a group's centre, radius and reach."""
+    def _test_offset(
+        self, center_sq: torch.Tensor, center_norm: torch.Tensor, reach: torch.Tensor, radius: torch.Tensor
+    ) -> torch.Tensor:
+        """``b = ||mu||^2 - limit`` of test (1) for balls (float32, lowered by a rounding bound)."""
         # ||mu - c|| - rho < R  <=>  ||mu - c||^2 < (rho + R)^2 (margins folded into the limit)
-        limit = (self.group_reach + self.slack) / (1.0 - 1e-6) + self.group_radius
+        limit = (reach + self.slack) / (1.0 - 1e-6) + radius
         limit = torch.where(limit > 0, limit * limit, -1.0)
-        d2 = torch.addmm(self.group_center_sq, xc, self.group_center.T, alpha=-2.0)
-        d2 += (xc * xc).sum(dim=1)[:, None]
-        which, group = (d2 < limit).nonzero(as_tuple=True)
-        return which, group
+        b = center_sq - limit
+        # float32 rounds the inputs, the products and the sums of the test's D + 1 terms, and
+        # the threshold, each by at most 2**-24 of sum |term| <= 2 |c| |mu| + |b| (+ |c|^2):
+        # lowering b by 2**-19 of that (D <= 16) or more can only let more pairs pass
+        c = self.norm_bound
+        scale = 2.0**-24 * max(32, 2 * self.dim + 8)
+        err = (b.abs() + 2.0 * c * center_norm + c * c) * scale
+        return (b - err).to(torch.float32)
+
+    def _update_group_test(self, groups: torch.Tensor) -> None:
+        """Recomputes the last row of :attr:`group_test` for ``groups`` (after their reach changed)."""
+        b = self._test_offset(
+            self.group_center_sq.index_select(0, groups),
+            self.group_center_norm.index_select(0, groups),
+            self.group_reach.index_select(0, groups),
+            self.group_radius.index_select(0, groups),
+        )
+        self.group_test[self.dim].index_copy_(0, groups, b)
+
+    def _update_cell_test(self, cells: torch.Tensor) -> None:
+        """Recomputes the last column of :attr:`cell_test` for ``cells`` (after their reach changed)."""
+        b = self._test_offset(
+            self.center_sq.index_select(0, cells),
+            self.center_norm.index_select(0, cells),
+            self.reach.index_select(0, cells),
+            self.radius.index_select(0, cells),
+        )
+        self.cell_test[:, self.dim].index_copy_(0, cells, b)
+
+    def _active_groups(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate, group) pairs passing test (1) with a group's centre, radius and reach.
+
+        ``||mu - c||^2 < limit`` is ``c . (-2 mu) + (||mu||^2 - limit) < -||c||^2``: one float32
+        product of the candidates, extended by a 1, with :attr:`group_test`, in blocks of
+        groups; its margin makes it pass every pair that the exact test passes (and a few more).
+        """
+        p = xc.shape[0]
+        ext = torch.cat([xc, xc.new_ones(p, 1)], dim=1).to(torch.float32)
+        threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)[:, None]
+        num = self.group_test.shape[1]
+        step = max(1, (1 << 19) // p)
+        if step >= num:
+            which, group = (ext @ self.group_test < threshold).nonzero(as_tuple=True)
+            return which, group
+        which_parts, group_parts = [], []
+        for a in range(0, num, step):
+            w, g = (ext @ self.group_test[:, a : a + step] < threshold).nonzero(as_tuple=True)
+            which_parts.append(w)
+            group_parts.append(g + a)
+        return torch.cat(which_parts), torch.cat(group_parts)
 
     def _active_cells(
         self, xc: torch.Tensor, which: torch.Tensor, group: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (candidate, cell) pairs passing test (1), among the cells of the given groups."""
-        cells = self.group_cells.index_select(0, group)  # P x C, padded with the sentinel
-        which = which[:, None].expand_as(cells).reshape(-1)
-        cells = cells.reshape(-1)
-        real = cells < self.num_cells
-        which, cells = which[real], cells[real]
-        diff = xc.index_select(0, which) - self.center.index_select(0, cells)
-        limit = (self.reach.index_select(0, cells) + self.slack) / (1.0 - 1e-6) + self.radius.index_select(
-            0, cells
-        )
-        keep = (diff * diff).sum(dim=1) < torch.where(limit > 0, limit * limit, -1.0)
+        """The (candidate, cell) pairs passing test (1), among the cells of the given groups
+        (the float32 test of :meth:`_active_groups`, pair by pair)."""
+        counts = self.group_num_cells.index_select(0, group)
+        total = int(counts.sum())
+        # the cells of group g are first[g] .. first[g] + counts - 1
+        offset = self.group_first_cell.index_select(0, group) - (torch.cumsum(counts, 0) - counts)
+        cells = torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
+        which = torch.repeat_interleave(which, counts, output_size=total)
+        ext = torch.cat([xc, xc.new_ones(xc.shape[0], 1)], dim=1).to(torch.float32)
+        threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)
+        t = (ext.index_select(0, which) * self.cell_test.index_select(0, cells)).sum(dim=1)
+        keep = t < threshold.index_select(0, which)
         return which[keep], cells[keep]
 
     def active_pairs(self, cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,9 +379,11 @@ class Cells:
             # the padding's best similarity (2) is clipped to 1: reach 0
             reach = self.sim.to_distance((cur64 - _SIM_MARGIN).clamp_max_(1.0), self.dim)
             self.reach.index_copy_(0, c, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
+            self._update_cell_test(c)
             groups = self.group_of_cell.index_select(0, c).unique()
             group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
             self.group_reach.index_copy_(0, groups, group_reach.view(groups.numel(), -1).amax(dim=1))
+            self._update_group_test(groups)
 
 
 def _kd_cells(
