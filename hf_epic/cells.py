@@ -73,6 +73,8 @@ _GROUP = 32
 # Cells and groups wider than these multiples of the median cell width are split further.
 _CELL_WIDTH = 2.0
 _GROUP_WIDTH = 4.0
+# Candidates evaluated together beyond the never-evaluated ones (:func:`greedy_stochastic_cells`).
+_BATCH = 8
 # A gain evaluation covers every row when the groups that pass the test hold more than this
 # share of the (candidate, row) pairs.
 _DENSE_SHARE = 0.3
@@ -483,8 +485,9 @@ def greedy_stochastic_cells(
             top = bound[cand[pos]]
             if top < best_gain or (top == best_gain and cand[pos] > best_row):
                 break
-            # never-evaluated candidates (infinite bound) go in one batch, then a few at a time
-            end = pos + max(4, int(np.isinf(bound[cand[pos:]]).sum()))
+            # never-evaluated candidates (infinite bound) go in one batch with the next few by
+            # bound, then a few at a time: an evaluation's fixed cost is that of several candidates
+            end = pos + int(np.isinf(bound[cand[pos:]]).sum()) + _BATCH
             batch = cand[pos:end]
             gains = cells.gains(torch.from_numpy(batch)).numpy()
             bound[batch] = gains
