@@ -28,11 +28,23 @@ infinite while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle 
 so a gain, and the rows a new medoid takes over, need only the rows of the cells that pass
 (1) (tested on groups first, then on the cells of the groups that pass). While most rows can
 still contribute (the first steps), a gain is computed over all rows in contiguous blocks
-instead, which is cheaper than gathering nearly every cell. As medoids accumulate, reaches shrink to the distance from a row to its medoid and each
-evaluation touches a small neighbourhood instead of the whole class. The test carries
-margins for the float32 rounding of similarities and the rounding of distances, so it never
-prunes a row that contributes: the gains are exactly those of the dense computation (sums of
-multiples of ``2**-24`` in float64), only cheaper.
+instead, which is cheaper than gathering nearly every cell. As medoids accumulate, reaches
+shrink to the distance from a row to its medoid and each evaluation touches a small
+neighbourhood instead of the whole class. The test carries margins for the float32 rounding
+of similarities and the rounding of distances, so it never prunes a row that contributes: the
+gains are exactly those of the dense computation (sums of multiples of ``2**-24`` in
+float64), only cheaper.
+
+Test (1) is computed as ``g_c . (-2 mu_b) + (||mu_b||^2 - limit_b) < -||g_c||^2`` in float32:
+for the groups, one matrix product of the candidates (each extended by a 1) with a table of
+all groups, whose last row is updated as reaches shrink; for the cells of the groups that
+pass, the same sum pair by pair (a group's cells are numbered consecutively, so they are a
+range). The constant term is lowered by a bound on the float32 rounding of the inputs, the
+products, the sums and the threshold, so the test passes every pair that the exact test
+passes (and a few more, which contribute nothing). Every group is still tested for every
+candidate: most groups lie in the sparse parts of a class and hold a few rows (about 83,000
+groups at 1,000,000 rows), and nodes of several groups pass (1) for most candidates in
+``D = 10``, so they would prune little.
 
 Stochastic greedy on top of it
 ------------------------------
@@ -41,8 +53,11 @@ step draws ``sample_size`` not yet selected rows and adds the one with the large
 identical to the dense path's stochastic greedy for the same seed. It is lazy within a
 sample: a candidate's last computed gain bounds its current one (gains only fall as medoids
 are added), so candidates are evaluated in order of bound and the rest are skipped once no
-bound can beat the best gain found. A class of 200,000 rows at fraction 0.1 takes about a
-minute on one CPU core this way.
+bound can beat the best gain found. The never-evaluated candidates are evaluated together
+with the next ``_BATCH`` by bound, then ``_BATCH`` at a time: an evaluation has a fixed cost
+(the test of every group and a few dozen tensor operations) worth several candidates.
+A class of 200,000 rows at fraction 0.1 takes about a minute on one free CPU core; one of
+1,000,000 rows about 21 minutes of CPU (``benchmarks/README.md``), most of it in the group test.
 
 Exact (lazy) greedy gains nothing from cells at the sizes a CPU can handle: its first steps
 need the gains of nearly every candidate while every reach is still large (``O(n^2)``
