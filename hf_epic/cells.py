@@ -28,11 +28,23 @@ infinite while ``cur_i = 0``). With ``R_b = max_{i in b} r_i`` and the triangle 
 so a gain, and the rows a new medoid takes over, need only the rows of the cells that pass
 (1) (tested on groups first, then on the cells of the groups that pass). While most rows can
 still contribute (the first steps), a gain is computed over all rows in contiguous blocks
-instead, which is cheaper than gathering nearly every cell. As medoids accumulate, reaches shrink to the distance from a row to its medoid and each
-evaluation touches a small neighbourhood instead of the whole class. The test carries
-margins for the float32 rounding of similarities and the rounding of distances, so it never
-prunes a row that contributes: the gains are exactly those of the dense computation (sums of
-multiples of ``2**-24`` in float64), only cheaper.
+instead, which is cheaper than gathering nearly every cell. As medoids accumulate, reaches
+shrink to the distance from a row to its medoid and each evaluation touches a small
+neighbourhood instead of the whole class. The test carries margins for the float32 rounding
+of similarities and the rounding of distances, so it never prunes a row that contributes: the
+gains are exactly those of the dense computation (sums of multiples of ``2**-24`` in
+float64), only cheaper.
+
+Test (1) is computed as ``g_c . (-2 mu_b) + (||mu_b||^2 - limit_b) < -||g_c||^2`` in float32:
+for the groups, one matrix product of the candidates (each extended by a 1) with a table of
+all groups, whose last row is updated as reaches shrink; for the cells of the groups that
+pass, the same sum pair by pair (a group's cells are numbered consecutively, so they are a
+range). The constant term is lowered by a bound on the float32 rounding of the inputs, the
+products, the sums and the threshold, so the test passes every pair that the exact test
+passes (and a few more, which contribute nothing). Every group is still tested for every
+candidate: most groups lie in the sparse parts of a class and hold a few rows (about 83,000
+groups at 1,000,000 rows), and nodes of several groups pass (1) for most candidates in
+``D = 10``, so they would prune little.
 
 Stochastic greedy on top of it
 ------------------------------
@@ -41,8 +53,11 @@ step draws ``sample_size`` not yet selected rows and adds the one with the large
 identical to the dense path's stochastic greedy for the same seed. It is lazy within a
 sample: a candidate's last computed gain bounds its current one (gains only fall as medoids
 are added), so candidates are evaluated in order of bound and the rest are skipped once no
-bound can beat the best gain found. A class of 200,000 rows at fraction 0.1 takes about a
-minute on one CPU core this way.
+bound can beat the best gain found. The never-evaluated candidates are evaluated together
+with the next ``_BATCH`` by bound, then ``_BATCH`` at a time: an evaluation has a fixed cost
+(the test of every group and a few dozen tensor operations) worth several candidates.
+A class of 200,000 rows at fraction 0.1 takes about a minute on one free CPU core; one of
+1,000,000 rows about 21 minutes of CPU (``benchmarks/README.md``), most of it in the group test.
 
 Exact (lazy) greedy gains nothing from cells at the sizes a CPU can handle: its first steps
 need the gains of nearly every candidate while every reach is still large (``O(n^2)``
@@ -73,6 +88,8 @@ _GROUP = 32
 # Cells and groups wider than these multiples of the median cell width are split further.
 _CELL_WIDTH = 2.0
 _GROUP_WIDTH = 4.0
+# Candidates evaluated together beyond the never-evaluated ones (:func:`greedy_stochastic_cells`).
+_BATCH = 8
 # A gain evaluation covers every row when the groups that pass the test hold more than this
 # share of the (candidate, row) pairs.
 _DENSE_SHARE = 0.3
@@ -147,6 +164,9 @@ class Cells:
         group = _kd_cells(x64, leaf * _GROUP, max_width=_GROUP_WIDTH * typical)
         cell = _kd_cells(x64, leaf, start=group, max_width=_CELL_WIDTH * typical)
         k = int(cell.max()) + 1
+        # cells numbered group by group: the cells of a group are consecutive
+        by_group = torch.argsort(torch.zeros(k, dtype=torch.int64).index_copy_(0, cell, group), stable=True)
+        cell = torch.empty(k, dtype=torch.int64).index_copy_(0, by_group, torch.arange(k))[cell]
         self.num_cells = k
         self.cell_of = cell
         # members[b] = rows of cell b, padded with the sentinel row n
@@ -181,8 +201,22 @@ class Cells:
         self.group_radius = gradius * (1.0 + 1e-6) + self.slack
         self.group_center_sq = (self.group_center * self.group_center).sum(dim=1)
         self.group_cells = _padded_members(self.group_of_cell, num_groups, fill=k)
+        self.group_num_cells = torch.bincount(self.group_of_cell, minlength=num_groups)
+        self.group_first_cell = torch.cumsum(self.group_num_cells, 0) - self.group_num_cells
         self.group_reach = torch.full((num_groups,), math.inf, dtype=torch.float64)
         self.group_size = torch.bincount(group, minlength=num_groups)
+        # The group test as one float32 matrix product (:meth:`_active_groups`): rows
+        # [-2 mu_g; b_g] with b_g = ||mu_g||^2 - limit_g, lowered by a bound on the rounding.
+        self.norm_bound = math.sqrt(max(max_sq, 0.0))
+        self.group_center_norm = self.group_center_sq.sqrt()
+        self.group_test = torch.empty(self.dim + 1, num_groups, dtype=torch.float32)
+        self.group_test[: self.dim] = (-2.0 * self.group_center).T
+        self._update_group_test(torch.arange(num_groups))
+        # the same for the cells, one row per cell: [-2 mu_b, b_b]
+        self.center_norm = self.center_sq.sqrt()
+        self.cell_test = torch.empty(k, self.dim + 1, dtype=torch.float32)
+        self.cell_test[:, : self.dim] = -2.0 * self.center
+        self._update_cell_test(torch.arange(k))
 
     @property
     def assign(self) -> torch.Tensor:
@@ -194,30 +228,79 @@ class Cells:
 
     # ----------------------------------------------------------------- geometry
 
-    def _active_groups(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(candidate, group) pairs passing test (1) with a group's centre, radius and reach."""
+    def _test_offset(
+        self, center_sq: torch.Tensor, center_norm: torch.Tensor, reach: torch.Tensor, radius: torch.Tensor
+    ) -> torch.Tensor:
+        """``b = ||mu||^2 - limit`` of test (1) for balls (float32, lowered by a rounding bound)."""
         # ||mu - c|| - rho < R  <=>  ||mu - c||^2 < (rho + R)^2 (margins folded into the limit)
-        limit = (self.group_reach + self.slack) / (1.0 - 1e-6) + self.group_radius
+        limit = (reach + self.slack) / (1.0 - 1e-6) + radius
         limit = torch.where(limit > 0, limit * limit, -1.0)
-        d2 = torch.addmm(self.group_center_sq, xc, self.group_center.T, alpha=-2.0)
-        d2 += (xc * xc).sum(dim=1)[:, None]
-        which, group = (d2 < limit).nonzero(as_tuple=True)
-        return which, group
+        b = center_sq - limit
+        # float32 rounds the inputs, the products and the sums of the test's D + 1 terms, and
+        # the threshold, each by at most 2**-24 of sum |term| <= 2 |c| |mu| + |b| (+ |c|^2):
+        # lowering b by 2**-19 of that (D <= 16) or more can only let more pairs pass
+        c = self.norm_bound
+        scale = 2.0**-24 * max(32, 2 * self.dim + 8)
+        err = (b.abs() + 2.0 * c * center_norm + c * c) * scale
+        return (b - err).to(torch.float32)
+
+    def _update_group_test(self, groups: torch.Tensor) -> None:
+        """Recomputes the last row of :attr:`group_test` for ``groups`` (after their reach changed)."""
+        b = self._test_offset(
+            self.group_center_sq.index_select(0, groups),
+            self.group_center_norm.index_select(0, groups),
+            self.group_reach.index_select(0, groups),
+            self.group_radius.index_select(0, groups),
+        )
+        self.group_test[self.dim].index_copy_(0, groups, b)
+
+    def _update_cell_test(self, cells: torch.Tensor) -> None:
+        """Recomputes the last column of :attr:`cell_test` for ``cells`` (after their reach changed)."""
+        b = self._test_offset(
+            self.center_sq.index_select(0, cells),
+            self.center_norm.index_select(0, cells),
+            self.reach.index_select(0, cells),
+            self.radius.index_select(0, cells),
+        )
+        self.cell_test[:, self.dim].index_copy_(0, cells, b)
+
+    def _active_groups(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate, group) pairs passing test (1) with a group's centre, radius and reach.
+
+        ``||mu - c||^2 < limit`` is ``c . (-2 mu) + (||mu||^2 - limit) < -||c||^2``: one float32
+        product of the candidates, extended by a 1, with :attr:`group_test`, in blocks of
+        groups; its margin makes it pass every pair that the exact test passes (and a few more).
+        """
+        p = xc.shape[0]
+        ext = torch.cat([xc, xc.new_ones(p, 1)], dim=1).to(torch.float32)
+        threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)[:, None]
+        num = self.group_test.shape[1]
+        step = max(1, (1 << 19) // p)
+        if step >= num:
+            which, group = (ext @ self.group_test < threshold).nonzero(as_tuple=True)
+            return which, group
+        which_parts, group_parts = [], []
+        for a in range(0, num, step):
+            w, g = (ext @ self.group_test[:, a : a + step] < threshold).nonzero(as_tuple=True)
+            which_parts.append(w)
+            group_parts.append(g + a)
+        return torch.cat(which_parts), torch.cat(group_parts)
 
     def _active_cells(
         self, xc: torch.Tensor, which: torch.Tensor, group: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (candidate, cell) pairs passing test (1), among the cells of the given groups."""
-        cells = self.group_cells.index_select(0, group)  # P x C, padded with the sentinel
-        which = which[:, None].expand_as(cells).reshape(-1)
-        cells = cells.reshape(-1)
-        real = cells < self.num_cells
-        which, cells = which[real], cells[real]
-        diff = xc.index_select(0, which) - self.center.index_select(0, cells)
-        limit = (self.reach.index_select(0, cells) + self.slack) / (1.0 - 1e-6) + self.radius.index_select(
-            0, cells
-        )
-        keep = (diff * diff).sum(dim=1) < torch.where(limit > 0, limit * limit, -1.0)
+        """The (candidate, cell) pairs passing test (1), among the cells of the given groups
+        (the float32 test of :meth:`_active_groups`, pair by pair)."""
+        counts = self.group_num_cells.index_select(0, group)
+        total = int(counts.sum())
+        # the cells of group g are first[g] .. first[g] + counts - 1
+        offset = self.group_first_cell.index_select(0, group) - (torch.cumsum(counts, 0) - counts)
+        cells = torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
+        which = torch.repeat_interleave(which, counts, output_size=total)
+        ext = torch.cat([xc, xc.new_ones(xc.shape[0], 1)], dim=1).to(torch.float32)
+        threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)
+        t = (ext.index_select(0, which) * self.cell_test.index_select(0, cells)).sum(dim=1)
+        keep = t < threshold.index_select(0, which)
         return which[keep], cells[keep]
 
     def active_pairs(self, cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,9 +396,11 @@ class Cells:
             # the padding's best similarity (2) is clipped to 1: reach 0
             reach = self.sim.to_distance((cur64 - _SIM_MARGIN).clamp_max_(1.0), self.dim)
             self.reach.index_copy_(0, c, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
+            self._update_cell_test(c)
             groups = self.group_of_cell.index_select(0, c).unique()
             group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
             self.group_reach.index_copy_(0, groups, group_reach.view(groups.numel(), -1).amax(dim=1))
+            self._update_group_test(groups)
 
 
 def _kd_cells(
@@ -415,8 +500,9 @@ def greedy_stochastic_cells(
             top = bound[cand[pos]]
             if top < best_gain or (top == best_gain and cand[pos] > best_row):
                 break
-            # never-evaluated candidates (infinite bound) go in one batch, then a few at a time
-            end = pos + max(4, int(np.isinf(bound[cand[pos:]]).sum()))
+            # never-evaluated candidates (infinite bound) go in one batch with the next few by
+            # bound, then a few at a time: an evaluation's fixed cost is that of several candidates
+            end = pos + int(np.isinf(bound[cand[pos:]]).sum()) + _BATCH
             batch = cand[pos:end]
             gains = cells.gains(torch.from_numpy(batch)).numpy()
             bound[batch] = gains

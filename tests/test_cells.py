@@ -164,3 +164,36 @@ def test_isolation_scores_on_cells_equal_the_dense_ones(cells_for_small_classes)
     )
     assert torch.equal(dense.dropped, pruned.dropped)
     assert pruned.isolation_scores.tolist() == pytest.approx(dense.isolation_scores.tolist(), abs=1e-6)
+
+
+def _exact_test(cells: Cells, xc: torch.Tensor, center, reach, radius) -> torch.Tensor:
+    """Test (1) in float64 for every candidate against every ball (shrunk by 1e-9 for rounding)."""
+    limit = (reach + cells.slack) / (1.0 - 1e-6) + radius
+    limit = torch.where(limit > 0, limit * limit, -1.0)
+    return torch.cdist(xc, center) ** 2 < limit * (1.0 - 1e-9)
+
+
+@pytest.mark.parametrize("dim", [6, 80])
+def test_float32_group_and_cell_tests_pass_every_pair_the_exact_test_passes(dim):
+    emb, _ = _gradient_like(700, dim, seed=8, isolated=10)
+    cells = Cells(_Kernel(emb, "euclidean", budget_bytes=1 << 12), leaf=8)
+    num_groups = cells.group_center.shape[0]
+    g = torch.Generator().manual_seed(1)
+    xc = cells.x.to(torch.float64)
+    for _ in range(6):
+        for j in torch.randint(700, (5,), generator=g).tolist():
+            cells.select(j)
+        which, group = cells._active_groups(xc)
+        got = torch.zeros(700, num_groups, dtype=torch.bool)
+        got[which, group] = True
+        want = _exact_test(cells, xc, cells.group_center, cells.group_reach, cells.group_radius)
+        assert bool((got | ~want).all())
+        # every (candidate, group) pair, so every cell
+        which, cell = cells._active_cells(
+            xc, torch.arange(700).repeat_interleave(num_groups), torch.arange(num_groups).repeat(700)
+        )
+        got = torch.zeros(700, cells.num_cells, dtype=torch.bool)
+        got[which, cell] = True
+        want = _exact_test(cells, xc, cells.center, cells.reach[:-1], cells.radius)
+        assert bool((got | ~want).all())
+        assert 0 < int(got.sum()) < got.numel()  # the test prunes something
