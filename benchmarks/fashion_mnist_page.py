@@ -334,13 +334,14 @@ def demo_section(folder: Path) -> list[str]:
 def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """The README's condensed table: undefended against EPIC-0.2 for every attack of every cell."""
     lines = [
-        "| setting | attack | trials | undefended | EPIC-0.2 | clean acc. | poisons / clean rows EPIC dropped |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | attack | trials | no poisons | undefended | EPIC-0.2 | clean acc. | poisons / clean rows EPIC dropped |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in summaries.items():
         by = {(r["attack"], r["defense"]): r for r in rows}
         for attack in dict.fromkeys(r["attack"] for r in rows):
             none, epic = by.get((attack, "none")), by.get((attack, "epic-0.2"))
+            control = by.get((attack, "clean-control"))
             if none is None or epic is None:
                 continue
             rate = (
@@ -350,7 +351,8 @@ def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
             )
             lines.append(
                 f"| {CELLS[name].short}"
-                f" | {_name(attack)} | {epic['trials']} | {rate(none)} | {rate(epic)} | "
+                f" | {_name(attack)} | {epic['trials']} | {'–' if control is None else rate(control)} | {rate(none)} | "
+                f"{rate(epic)} | "
                 f"{_pct(none['clean_accuracy'])} → {_pct(epic['clean_accuracy'])} | "
                 f"{_pct(epic['poison_recall'], 0)} / {_pct(epic['clean_dropped_fraction'], 0)} |"
             )
