@@ -1,12 +1,12 @@
 """The benchmark: config checks, the JSONL store, the report, and a resumable end-to-end run."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from hf_epic.experiments.args import BenchmarkConfig
 from hf_epic.experiments.benchmark import (
@@ -146,10 +146,7 @@ def test_report_includes_cells_another_process_appended_meanwhile(tmp_path):
 
 
 def _benchmark_cli():
-    spec = importlib.util.spec_from_file_location("benchmark_cli", REPO / "recipes" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/benchmark.py")
 
 
 SMALL = dict(
@@ -310,9 +307,7 @@ def test_drop_rule_defenses_run_epic_under_their_rule(tmp_path):
     assert len({labels[i] for i in ranked}) == len(ranked)
     # benchmarks/replay_drop_rules.py replays a rule on a recorded run's evidence: on the reference run,
     # the reference rule gives its recorded drops, and the ranked rule the ranked run's first round
-    spec = importlib.util.spec_from_file_location("replay", REPO / "benchmarks" / "replay_drop_rules.py")
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    replay = load_script("benchmarks/replay_drop_rules.py")
     state = json.loads((tmp_path / "epic-0.2" / "epic_state.json").read_text())
     labels = torch.tensor(labels)
     assert replay.replay(state, labels, "first_isolation", {}) == set(state["dropped"])

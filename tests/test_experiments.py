@@ -4,13 +4,12 @@ defense defined in this file alone run through a recipe and a benchmark cell."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from test_recipes import TINY
 
 from hf_epic import EpicConfig
@@ -35,15 +34,6 @@ BENCHMARK_ONLY = {
     "progress",
 }
 """Benchmark settings no recipe has (the grid, and the cells' own training choices)."""
-
-
-def load_script(name: str):
-    """Import a script of recipes/ as a module (its main() is not run)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass
@@ -96,7 +86,7 @@ def test_a_new_attack_and_defense_run_through_a_recipe_and_a_benchmark_cell(new_
     from hf_epic.experiments.benchmark import run_benchmark
 
     # the choices are the registries': the new names parse where the old lists would have refused them
-    bench = load_script("benchmark")
+    bench = load_script("recipes/benchmark.py")
     grid, _ = bench.build_parser().parse_args_into_dataclasses(
         args=["--attacks", NEW_ATTACK, "--defenses", "none", NEW_DEFENSE]
     )
@@ -104,7 +94,7 @@ def test_a_new_attack_and_defense_run_through_a_recipe_and_a_benchmark_cell(new_
 
     # a recipe, end to end, with the new attack
     out = tmp_path / "recipe"
-    load_script("backdoor").main([*TINY, "--attack", NEW_ATTACK, "--output_dir", str(out)])
+    load_script("recipes/backdoor.py").main([*TINY, "--attack", NEW_ATTACK, "--output_dir", str(out)])
     spec = json.loads((out / "poison_spec.json").read_text())
     results = json.loads((out / "recipe_results.json").read_text())
     assert spec["attack"] == NEW_ATTACK and spec["trigger"]["size"] == 2
@@ -150,7 +140,7 @@ def test_every_flag_the_recipes_and_the_benchmark_share_has_one_name():
     from transformers import HfArgumentParser
 
     recipe = _flags(HfArgumentParser((ScriptArguments, EpicConfig)))
-    benchmark = _flags(load_script("benchmark").build_parser())
+    benchmark = _flags(load_script("recipes/benchmark.py").build_parser())
     assert benchmark >= BENCHMARK_ONLY
     # every other benchmark setting is a recipe flag under the same name
     assert benchmark - BENCHMARK_ONLY - {"help"} <= recipe, sorted(benchmark - BENCHMARK_ONLY - recipe)

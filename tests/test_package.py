@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import hf_epic
 
 
@@ -14,21 +16,12 @@ def test_public_names_resolve_and_match_the_lazy_map():
         assert getattr(hf_epic, name) is not None, name
 
 
-def test_selection_engine_imports_without_hugging_face_libraries():
+@pytest.mark.parametrize("module", ["hf_epic.selection", "hf_epic.drop_rules"])
+def test_selection_core_imports_without_hugging_face_libraries(module):
     code = (
-        "import sys, hf_epic.selection; "
+        f"import sys, {module}; "
         "bad = [m for m in ('transformers', 'datasets', 'accelerate', 'evaluate', 'timm') if m in sys.modules]; "
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"hf_epic.selection pulled in: {out.stdout.strip()}"
-
-
-def test_drop_rules_import_without_hugging_face_libraries():
-    code = (
-        "import sys, hf_epic.drop_rules; "
-        "bad = [m for m in ('transformers', 'datasets', 'accelerate', 'evaluate', 'timm') if m in sys.modules]; "
-        "print(','.join(bad))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"hf_epic.drop_rules pulled in: {out.stdout.strip()}"
+    assert out.stdout.strip() == "", f"{module} pulled in: {out.stdout.strip()}"

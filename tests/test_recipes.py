@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 from huggingface_hub import ModelCard
 
 from hf_epic.experiments import parse_recipe_args
@@ -25,11 +25,7 @@ FASHION_MNIST_FILES = (Path("/usr/share/datasets/fashion-mnist") / "train-images
 
 def load_recipe(name: str):
     """Import a recipe file as a module (its main() is not run)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses defined in the recipe look their module up here
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"recipes/{name}.py")
 
 
 def docstring_commands(module) -> list[list[str]]:

@@ -4,12 +4,11 @@ committed text, and every cell's command resumes its folder (same settings)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from hf_epic.attacks.registry import attack_names
 from hf_epic.experiments.defenses import defense_names
@@ -19,13 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @functools.cache
 def _page_module():
-    spec = importlib.util.spec_from_file_location(
-        "fashion_mnist_page", ROOT / "benchmarks" / "fashion_mnist_page.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/fashion_mnist_page.py")
 
 
 def test_fashion_mnist_page_and_readme_table_are_drawn_from_the_records(tmp_path):
