@@ -29,6 +29,7 @@ from transformers import HfArgumentParser
 from hf_epic.epic_config import EMBEDDING_SOURCE_CHOICES
 from hf_epic.experiments import BenchmarkConfig, run_benchmark
 from hf_epic.experiments.args import parse_trials
+from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore
 from hf_epic.significance import mcnemar_exact
 
 DEFENSES = ("none", "epic-0.2")
@@ -53,21 +54,6 @@ class CompareArguments:
     num_threads: int = field(default=1, metadata={"help": "torch threads."})
 
 
-def _records(folder: Path) -> dict[str, dict]:
-    """The folder's ``results.jsonl`` records by cell key."""
-    path = folder / "results.jsonl"
-    if not path.is_file():
-        return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[record["key"]] = record
-    return out
-
-
 def _dropped(folder: Path, attack: str, trial: int) -> set[int] | None:
     """The rows the trial's EPIC-0.2 run dropped, from its ``epic_state.json``."""
     path = folder / "runs" / attack / f"trial_{trial:03d}" / "epic-0.2" / "epic_state.json"
@@ -77,7 +63,7 @@ def _dropped(folder: Path, attack: str, trial: int) -> set[int] | None:
 def report(out: Path, trials: list[int], attacks: list[str]) -> str:
     """The paired comparison as Markdown (also written to ``<out>/comparison.md`` and ``.json``)."""
     folders = {mode: out / mode for mode in EMBEDDING_SOURCE_CHOICES}
-    records = {mode: _records(folder) for mode, folder in folders.items()}
+    records = {mode: ResultStore(folder / RESULTS_FILE).records for mode, folder in folders.items()}
     rows, summary = [], {}
     for attack in attacks:
         per = {m: {"asr": [], "acc": [], "poisons": [], "clean": [], "num_poisons": []} for m in folders}

@@ -33,6 +33,7 @@ from transformers import HfArgumentParser
 
 from hf_epic.experiments import BenchmarkArguments, BenchmarkConfig, run_benchmark
 from hf_epic.experiments.args import parse_trials
+from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore
 from hf_epic.experiments.report import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,20 +198,6 @@ def run_cells(args: PageArguments) -> None:
             config, trials=grid.trial_numbers, attacks=grid.attacks, defenses=grid.defenses,
             output_dir=grid.output_dir,
         )  # fmt: skip
-
-
-def _records(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "results.jsonl"
-    if not path.is_file():
-        return []
-    out: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[record["key"]] = record
-    return list(out.values())
 
 
 def _pct(value: float, digits: int = 1) -> str:
@@ -418,7 +405,7 @@ def write_page(args: PageArguments) -> str:
     ]
     unfinished = []
     for name, cell in CELLS.items():
-        records = _records(out / name)
+        records = list(ResultStore(out / name / RESULTS_FILE).records.values())
         if not records:
             unfinished.append(f"`{name}` ({cell.title}): not run")
             continue
