@@ -4,7 +4,7 @@ ones from the Hub or a folder, and the head surgery of the transfer and fine-tun
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from ..models import build_model, image_transform
 __all__ = [
     "FeatureProbe",
     "build_classifier",
+    "image_batches",
     "model_for",
     "new_model",
     "model_transform",
@@ -60,6 +61,26 @@ def model_transform(
         return {k: out[k] for k in ("pixel_values", "label") if k in out}
 
     return transform
+
+
+def image_batches(
+    ds: Any, image_size: int, num_channels: int, device: Any, batch_size: int = 256
+) -> Iterator[torch.Tensor]:
+    """The ``pixel_values`` of every row of an image dataset (no augmentation), in row order, in batches
+    of ``batch_size`` on ``device``.
+
+    Args:
+        ds: Dataset with an ``image`` column (not modified).
+        image_size: Side of the model's input.
+        num_channels: 1 or 3.
+        device: Where the batches go.
+        batch_size: Rows per batch.
+    """
+    view = ds.select_columns(["image"]).with_transform(
+        model_transform(image_size, num_channels, augment=False)
+    )
+    for start in range(0, len(view), batch_size):
+        yield torch.stack(view[start : start + batch_size]["pixel_values"]).to(device)
 
 
 def load_pretrained(name_or_path: str, id2label: dict[int, str]) -> Any:
@@ -224,12 +245,11 @@ class FeatureProbe(torch.nn.Module):
             num_channels: 1 or 3.
             batch_size: Rows per forward pass.
         """
-        view = ds.select_columns(["image"]).with_transform(model_transform(image_size, num_channels, False))
         device = next(self.classifier.parameters()).device
-        chunks = []
-        for start in range(0, len(view), batch_size):
-            pixels = torch.stack(view[start : start + batch_size]["pixel_values"]).to(device)
-            chunks.append(self.backbone_features(pixels).float().cpu())
+        chunks = [
+            self.backbone_features(pixels).float().cpu()
+            for pixels in image_batches(ds, image_size, num_channels, device, batch_size)
+        ]
         features = torch.cat(chunks).numpy() if chunks else []
         table = ds.remove_columns("image").add_column("features", list(features))
 

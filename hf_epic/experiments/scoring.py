@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import model_transform
+from .models import image_batches
 from .poisons import quiet_datasets
 
 __all__ = ["accuracy_metrics", "predict_classes", "predict_logits", "score_attack", "target_margins"]
@@ -27,17 +27,13 @@ def predict_logits(
         num_channels: 1 or 3.
         batch_size: Rows per forward pass.
     """
-    view = ds.select_columns(["image"]).with_transform(
-        model_transform(image_size, num_channels, augment=False)
-    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    chunks: list[torch.Tensor] = []
-    for start in range(0, len(view), batch_size):  # gradients are off: @torch.no_grad()
-        rows = view[start : start + batch_size]
-        pixels = torch.stack(rows["pixel_values"]).to(device)
-        chunks.append(model(pixel_values=pixels).logits.float().cpu())
+    chunks = [  # gradients are off: @torch.no_grad()
+        model(pixel_values=pixels).logits.float().cpu()
+        for pixels in image_batches(ds, image_size, num_channels, device, batch_size)
+    ]
     model.train(was_training)
     return torch.cat(chunks)
 
