@@ -263,9 +263,43 @@ def _drop_rule_sentence(state: dict[str, Any]) -> str:
     rule = get_drop_rule(
         name,
         persistence=int(config.get("epic_drop_persistence", 2)),
-        rank_share=float(config.get("epic_drop_rank_share", 0.02)),
+        rank_share=float(config.get("epic_drop_rank_share", 0.005)),
     )
     return f"`{name}`: {rule.summary}" if rule.summary else f"`{name}`"
+
+
+def _suspicious_rows(
+    state: dict[str, Any], spec: dict[str, Any] | None, limit: int = 10
+) -> list[dict[str, Any]]:
+    """The ``limit`` most suspicious dropped rows with their evidence (none where no round kept any)."""
+    from .drop_rules import RoundEvidence, suspicion
+
+    rounds = state.get("rounds") or []
+    evidence = [e for e in (RoundEvidence.from_record(r, i) for i, r in enumerate(rounds)) if e is not None]
+    dropped = [int(r) for r in state.get("dropped") or []]
+    num_rows = int(state.get("num_rows", 0))
+    if not evidence or not dropped or num_rows <= max(dropped):
+        return []
+    table = suspicion(evidence, num_rows)
+    dropped_in: dict[int, Any] = {}
+    for i, record in enumerate(rounds):
+        for row in record.get("newly_dropped") or []:
+            dropped_in.setdefault(int(row), (record.get("round", i + 1), record.get("epoch")))
+    poisons = set(spec.get("poison_indices") or []) if spec else None
+    out = []
+    for row in table.ranking(dropped)[:limit].tolist():
+        number, epoch = dropped_in.get(row, (None, None))
+        out.append(
+            {
+                "row": row,
+                "suspicion": f"{float(table.score[row]):.3f}",
+                "rounds_isolated": int(table.rounds_isolated[row]),
+                "mean_isolation": f"{float(table.mean_isolation[row]):.4f}",
+                "dropped_in": "–" if number is None else f"round {number} (epoch {_fmt(epoch)})",
+                "poison": None if poisons is None else ("yes" if row in poisons else "no"),
+            }
+        )
+    return out
 
 
 def _epic_context(
@@ -346,6 +380,8 @@ def _epic_context(
         "config_rows": [(k, _fmt(v)) for k, v in sorted((state.get("config") or {}).items())],
         **_cap_context(state, rounds),
         "drop_rule": _drop_rule_sentence(state),
+        "suspicious_rows": _suspicious_rows(state, spec),
+        "num_evidence_rounds": sum(1 for r in rounds if r.get("isolated_rows") is not None),
         "round_rows": round_rows,
         "class_round_columns": [r.get("round", i + 1) for i, r in enumerate(rounds)] if show_rounds else [],
         "class_rows": class_rows,

@@ -270,3 +270,21 @@ def test_epic_trainer_card_keeps_the_epic_section_over_regeneration(tmp_path: Pa
     assert "| `epic_fraction` | 0.3 |" in card.text
     for rel in ("epic_plots/epic_embeddings_pca.png", "epic_plots/epic_dropped_per_round.png"):
         assert f"]({rel})" in card.text and (tmp_path / rel).is_file()
+    # why rows were dropped: the most suspicious dropped rows, in the trainer's own order
+    assert "#### Why rows were dropped: the most suspicious ones" in card.text
+    ranked = trainer.dropped_dataset(ranked=True).with_format(None)["epic_original_row"][:10]
+    table = card.text.split("#### Why rows were dropped")[1].split("\n\n")[2].splitlines()[2:]
+    assert [int(line.split("|")[1]) for line in table] == ranked
+    assert all(int(line.split("|")[3]) >= 1 for line in table)  # each was isolated in some round
+
+
+def test_card_of_a_state_without_isolation_evidence_has_no_suspicion_table() -> None:
+    state = {"version": 1, "num_rows": 50, "dropped": [3, 7], "config": {}, "rounds": [
+        {"round": 1, "epoch": 2, "newly_dropped": [3, 7], "num_dropped_total": 2}]}  # fmt: skip
+    assert "most suspicious" not in render_model_card(state).text
+    # with evidence, scored against the attack's poisons
+    state["rounds"][0] |= {"isolated_rows": [3, 7, 9], "isolation_scores": [0.1, 0.3, 0.2]}
+    text = render_model_card(state, attack={**SPEC, "poison_indices": [7]}).text
+    rows = text.split("#### Why rows were dropped")[1].split("\n\n")[2].splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in rows] == ["7", "3"]  # 9 was isolated but not dropped
+    assert rows[0].rstrip().endswith("| yes |") and rows[1].rstrip().endswith("| no |")
