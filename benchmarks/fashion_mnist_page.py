@@ -394,7 +394,8 @@ def write_page(args: PageArguments) -> str:
         "rows, Bullseye Polytope crafted on it (2 % of the other 5,000 rows, 16/255, one target), then the "
         "whole ViT fine-tuned 10 epochs at 1e-4 with EPIC-0.2 (rounds after epochs 2-5) and without a "
         "defense. Records: [`fashion_mnist/demo/`](fashion_mnist/demo/) (each run's `recipe_results.json`, "
-        "from `python recipes/finetune_vit.py --seed N --attack_seed N`).",
+        "from `accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml recipes/finetune_vit.py "
+        "--seed N --attack_seed N`, one CPU thread: another thread count rounds differently and gives other runs).",
         "",
         *demo_section(out / "demo"),
         "",

@@ -30,7 +30,8 @@ poisons dropped, wall time) and writes a model card with plots. Commands (from t
         recipes/finetune_vit.py --output_dir outputs/finetune_vit \\
         --push_to_hub --hub_model_id <you>/vit-fashion-mnist-epic
 
-What the default shows, measured over seeds 0, 1 and 2 (``--seed N --attack_seed N``, one
+What the default shows, measured over seeds 0, 1 and 2 (the first command with ``--seed N --attack_seed N``,
+one CPU thread per process, the default of accelerate's launcher: another thread count gives other numbers; one
 target each): the undefended attack succeeded on 2 of 3 targets, and under EPIC-0.2 on the same
 2 of 3, at 0.4-0.6 points of clean accuracy (0.81-0.84), with 496-507 of the 5,000 rows (10 %) and
 0-9 of the 100 poisons dropped. Bullseye Polytope's poisons share one target, so their gradient
