@@ -64,7 +64,7 @@ def report(out: Path, trials: list[int], attacks: list[str]) -> str:
     """The paired comparison as Markdown (also written to ``<out>/comparison.md`` and ``.json``)."""
     folders = {mode: out / mode for mode in EMBEDDING_SOURCE_CHOICES}
     records = {mode: ResultStore(folder / RESULTS_FILE).records for mode, folder in folders.items()}
-    rows, summary = [], {}
+    rows, summary, missing = [], {}, []
     for attack in attacks:
         per = {m: {"asr": [], "acc": [], "poisons": [], "clean": [], "num_poisons": []} for m in folders}
         jaccards, first_only, second_only = [], 0, 0
@@ -72,7 +72,10 @@ def report(out: Path, trials: list[int], attacks: list[str]) -> str:
             key = f"trial={trial}|attack={attack}|defense=epic-0.2"
             cells = {m: records[m].get(key) for m in folders}
             drops = {m: _dropped(folders[m], attack, trial) for m in folders}
-            if any(c is None for c in cells.values()) or any(d is None for d in drops.values()):
+            if any(c is None for c in cells.values()):
+                continue
+            if any(d is None for d in drops.values()):  # recorded, but its run folder is not here
+                missing += [str(folders[m] / "runs" / attack) for m, d in drops.items() if d is None]
                 continue
             a, b = drops["eval_pass"], drops["training_pass"]
             jaccards.append(len(a & b) / len(a | b) if a | b else 1.0)
@@ -108,6 +111,16 @@ def report(out: Path, trials: list[int], attacks: list[str]) -> str:
                 f"{e['poisons_dropped']} / {e['num_poisons']} | {e['clean_dropped']:.1f} | "
                 f"{entry['jaccard_mean']:.3f} (min {entry['jaccard_min']:.3f}) | {entry['mcnemar_p']:.3f} |"
             )
+    if not summary:  # never overwrite a report with an empty one
+        raise FileNotFoundError(
+            f"No trial of {attacks} has both modes' EPIC-0.2 records and dropped rows under {out}"
+            + (
+                f": the run folders {sorted(set(missing))} are missing (they are not committed); rerun "
+                "without --report_only to make them."
+                if missing
+                else ": run this script without --report_only first."
+            )
+        )
     text = "\n".join(
         [
             "| attack | embedding source | trials | ASR % | clean acc % | poisons dropped (all trials) | "
