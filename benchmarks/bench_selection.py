@@ -26,6 +26,7 @@ trained on scikit-learn's digits.
     .venv/bin/python benchmarks/bench_selection.py --cases large --no-reference       # 200k rows, stochastic
     .venv/bin/python benchmarks/bench_selection.py --cases large-exact --threads 1   # 200k rows, exact
     .venv/bin/python benchmarks/bench_selection.py --cases million --threads 1       # 1M rows, stochastic
+    .venv/bin/python benchmarks/bench_selection.py --cases scores --threads 1        # isolation scores' cost
     .venv/bin/python benchmarks/bench_selection.py --cases cifar10 --device cuda --no-reference
 """
 
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -276,6 +278,38 @@ def run_case(
     return rows
 
 
+def scores_case(
+    emb: torch.Tensor, labels: torch.Tensor, fractions: list[float], repeats: int, device: str
+) -> list[dict[str, Any]]:
+    """What the isolation scores that every EPIC round records add to its selection: ``find_isolated``
+    with and without ``isolation_scores``, alternating, median wall time of each; same dropped rows."""
+    rows = []
+    emb, labels = emb.to(device), labels.to(device)
+    for fraction in fractions:
+        walls: dict[bool, list[float]] = {False: [], True: []}
+        dropped = {}
+        for r in range(repeats):
+            for scores in (False, True) if r % 2 == 0 else (True, False):
+                res, wall, _, _ = measure(
+                    lambda s=scores, f=fraction: find_isolated(emb, labels, f, isolation_scores=s)
+                )
+                walls[scores].append(wall)
+                dropped[scores] = res.dropped.cpu()
+        assert torch.equal(dropped[False], dropped[True]), "the scores changed the dropped rows"
+        plain, scored = statistics.median(walls[False]), statistics.median(walls[True])
+        row = {
+            "case": "scores", "rows": int(labels.numel()), "fraction": fraction, "num_dropped": int(dropped[True].numel()),
+            "plain_wall_s": plain, "scores_wall_s": scored, "ratio": scored / plain,
+        }  # fmt: skip
+        print(
+            f"scores    N={row['rows']:>7,d} fraction={fraction:.1f} dropped {row['num_dropped']:>5d}  "
+            f"without scores {plain:6.2f}s  with {scored:6.2f}s  RATIO {row['ratio']:.2f}x (median of {repeats})",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
 def million_case(rows: int, check_rows: int, device: str) -> list[dict[str, Any]]:
     """One class of ``rows`` rows (D = 10, fraction 0.1) with stochastic greedy, then its check.
 
@@ -414,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif case == "million":
             results += million_case(args.million_rows, args.check_rows, args.device)
+        elif case == "scores":
+            emb, labels, _ = make_gradient_embeddings(50_000, 10, 10, seed=0)
+            results += scores_case(emb, labels, fractions, args.repeats, args.device)
         else:
             parser.error(f"unknown case {case!r}")
     if args.json:
