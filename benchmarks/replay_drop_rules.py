@@ -77,11 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="benchmark output folders")
     parser.add_argument("--trials", default="0-11", help="trials to read (count N, range a-b, list a,b,c)")
     parser.add_argument("--defense", default="epic-0.2", help="the recorded EPIC runs to replay")
+    parser.add_argument("--output_json", type=Path, help="also write the tables' numbers to this JSON file")
     args = parser.parse_args(argv)
     import datasets
 
     datasets.disable_progress_bars()
     trials = parse_trials(args.trials)
+    tables: list[dict[str, Any]] = []
     for folder in args.folders:
         totals: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         counted: dict[str, int] = defaultdict(int)
@@ -105,15 +107,41 @@ def main(argv: list[str] | None = None) -> int:
                     (len(dropped & poison) / max(1, len(poison)), len(dropped - poison) / clean_rows)
                 )
         for attack, by_rule in totals.items():
-            print(f"\n{folder} · {attack} · {counted[attack]} trials ({args.defense} runs replayed)\n")
-            print("| rule | poisons dropped | clean rows dropped | enrichment (poison share / clean share) |")
-            print("|---|---|---|---|")
-            for name, stats in by_rule.items():
-                poisons_share = sum(p for p, _ in stats) / len(stats)
-                clean_share = sum(c for _, c in stats) / len(stats)
-                ratio = "–" if clean_share == 0 else f"{poisons_share / clean_share:.2f}"
-                print(f"| {name} | {100 * poisons_share:.1f} % | {100 * clean_share:.2f} % | {ratio} |")
+            table = {
+                "folder": folder.as_posix(), "attack": attack, "defense": args.defense, "trials": args.trials,
+                "runs": counted[attack], "rules": [],
+            }  # fmt: skip
+            for (rule, options), stats in zip(CANDIDATES, by_rule.values()):
+                table["rules"].append(
+                    {
+                        "rule": rule, "options": options,
+                        "poisons_dropped": sum(p for p, _ in stats) / len(stats),
+                        "clean_dropped": sum(c for _, c in stats) / len(stats),
+                    }
+                )  # fmt: skip
+            tables.append(table)
+            print("\n" + "\n".join(replay_table(table)))
+    if args.output_json is not None:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        args.output_json.write_text(json.dumps(tables, indent=1) + "\n")
     return 0
+
+
+def replay_table(table: dict[str, Any]) -> list[str]:
+    """A replay's Markdown table (its title line, a blank line, the table)."""
+    lines = [
+        f"{table['folder']} · {table['attack']} · {table['runs']} trials ({table['defense']} runs replayed)",
+        "",
+        "| rule | poisons dropped | clean rows dropped | enrichment (poison share / clean share) |",
+        "|---|---|---|---|",
+    ]
+    for row in table["rules"]:
+        poisons_share, clean_share = row["poisons_dropped"], row["clean_dropped"]
+        ratio = "–" if clean_share == 0 else f"{poisons_share / clean_share:.2f}"
+        lines.append(
+            f"| {_label(row['rule'], row['options'])} | {100 * poisons_share:.1f} % | {100 * clean_share:.2f} % | {ratio} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ class DropRule:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    def __init__(self, *, persistence: int = 2, rank_share: float = 0.02) -> None:
+    def __init__(self, *, persistence: int = 2, rank_share: float = 0.005) -> None:
         self.persistence = int(persistence)
         self.rank_share = float(rank_share)
 

@@ -300,7 +300,7 @@ def test_drop_rule_defenses_run_epic_under_their_rule(tmp_path):
     assert isolated and set(rounds["epic-0.2-persistent"][0]["isolated_rows"]) == isolated
     assert set(rounds["epic-0.2"][0]["newly_dropped"]) == isolated
     assert rounds["epic-0.2-persistent"][0]["newly_dropped"] == []
-    # ranked: at most ceil(0.02 * ~20 rows) = 1 row of each class per round, among the isolated ones
+    # ranked: at most ceil(0.005 * ~20 rows) = 1 row of each class per round, among the isolated ones
     ranked = rounds["epic-0.2-ranked"][0]["newly_dropped"]
     labels = poisoned["label"]
     assert ranked and set(ranked) <= isolated
@@ -311,7 +311,7 @@ def test_drop_rule_defenses_run_epic_under_their_rule(tmp_path):
     state = json.loads((tmp_path / "epic-0.2" / "epic_state.json").read_text())
     labels = torch.tensor(labels)
     assert replay.replay(state, labels, "first_isolation", {}) == set(state["dropped"])
-    assert replay.replay(state, labels, "ranked", {"rank_share": 0.02}) == set(ranked)
+    assert replay.replay(state, labels, "ranked", {"rank_share": 0.005}) == set(ranked)
     assert replay.replay(state, labels, "persistent", {"persistence": 2}) == set()
 
 

@@ -63,7 +63,7 @@ def test_every_epic_field_has_help_and_parses_from_the_command_line():
         ("epic_drop_persistence", 0, ValueError, "Pass 1 or more"),
         ("epic_drop_persistence", 2.0, TypeError, "must be an int"),
         ("epic_drop_rank_share", 0.0, ValueError, "in (0, 1]"),
-        ("epic_drop_rank_share", 1.5, ValueError, "Pass e.g. 0.02"),
+        ("epic_drop_rank_share", 1.5, ValueError, "Pass e.g. 0.005"),
     ],
 )
 def test_config_rejects_bad_values_with_the_fix(tmp_path, field, value, error, words):

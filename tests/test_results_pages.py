@@ -51,3 +51,127 @@ def test_every_cell_command_parses_and_resumes_its_folder(name, tmp_path):
     stored = ROOT / grid.output_dir / "harness_config.json"
     if stored.is_file():  # a rerun of the command resumes the folder instead of refusing it
         assert json.loads(stored.read_text()) == json.loads(json.dumps(config.to_dict()))
+
+
+@functools.cache
+def _drop_rules_module():
+    return load_script("benchmarks/drop_rules_page.py")
+
+
+def test_drop_rules_page_is_drawn_from_the_records(tmp_path):
+    page = _drop_rules_module()
+    args = page.ScoringArguments(
+        output_dir=str(ROOT / "docs/results/drop_rules"), page=str(tmp_path / "page.md")
+    )
+    text = page.write_page(args)
+    assert text.replace(str(ROOT) + "/", "") == (ROOT / "docs/results/drop_rules.md").read_text(), (
+        "docs/results/drop_rules.md is not what its records give: run "
+        "`python benchmarks/drop_rules_page.py --report_only` and commit the result."
+    )
+
+
+@pytest.mark.parametrize("name", list(_drop_rules_module().SCORING))
+def test_every_scoring_setting_is_its_grid_cell_on_unseen_trials(name):
+    """A scoring command is its Fashion-MNIST cell's (same training, attack and EPIC schedule) on trials
+    12-35, with the reference and the rules' defenses; it resumes its folder."""
+    page = _drop_rules_module()
+    scoring = page.SCORING[name]
+    grid, config = page.parse_setting(name, "12-35", "docs/results/drop_rules")
+    assert grid.trial_numbers == list(range(12, 36))
+    assert grid.attacks == [scoring.attack] and {page.REFERENCE, *page.RULES} <= set(grid.defenses)
+    _, cell_config = _page_module().parse_cell(scoring.cell, "12", "docs/results/fashion_mnist")
+    ours, cells = config.to_dict(), cell_config.to_dict()
+    assert ours["attack_seed_offset"] == 1_000_000  # the attacker's own seed, in every scoring setting
+    differing = {k for k in ours if ours[k] != cells[k]} - {"attack_seed_offset"}
+    assert differing == set(), f"{name} differs from cell {scoring.cell} in {differing}"
+    stored = ROOT / grid.output_dir / "harness_config.json"
+    if stored.is_file():
+        assert json.loads(stored.read_text()) == json.loads(json.dumps(config.to_dict()))
+
+
+def _record(trial: int, defense: str, hits: list[bool], clean_dropped: int, accuracy: float) -> dict:
+    return {
+        "trial": trial, "defense": defense, "attack_kind": "targeted", "poison_class": 3,
+        "target_predictions": [3 if hit else 0 for hit in hits], "clean_dropped": clean_dropped,
+        "clean_accuracy": accuracy,
+    }  # fmt: skip
+
+
+def test_a_rule_meets_the_bar_only_with_half_the_clean_drops_no_significant_loss_and_no_accuracy_cost():
+    page = _drop_rules_module()
+    rule = page.RULES[1]
+    reference = [_record(t, page.REFERENCE, [t % 2 == 0], 100, 0.80) for t in range(12)]
+    # same outcomes, 40 % of the clean drops, better accuracy: meets
+    good = [_record(t, rule, [t % 2 == 0], 40, 0.81) for t in range(12)]
+    verdict = page.against_reference(reference + good, rule)
+    assert verdict == {**verdict, "trials": 12, "saved": 0, "lost": 0, "meets": True}
+    assert verdict["clean_dropped_ratio"] == pytest.approx(0.4)
+    # 60 % of the clean drops: fails on drops alone
+    assert not page.against_reference(reference + [{**r, "clean_dropped": 60} for r in good], rule)["meets"]
+    # lower clean accuracy: fails
+    assert not page.against_reference(reference + [{**r, "clean_accuracy": 0.79} for r in good], rule)[
+        "meets"
+    ]
+    # every target the reference saved is lost (6 of 6, p = 0.03): fails; lost on 2 only (p = 0.5): meets
+    lost_all = [_record(t, rule, [True], 40, 0.81) for t in range(12)]
+    assert page.against_reference(reference + lost_all, rule)["lost"] == 6
+    assert not page.against_reference(reference + lost_all, rule)["meets"]
+    lost_two = [_record(t, rule, [t % 2 == 0 or t < 4], 40, 0.81) for t in range(12)]
+    assert page.against_reference(reference + lost_two, rule)["meets"]
+    # a backdoor is compared per trial's triggered success rate
+    backdoor = [
+        {"trial": t, "defense": d, "attack_kind": "backdoor", "num_success": s, "num_evaluated": 100,
+         "clean_dropped": c, "clean_accuracy": 0.8}
+        for t in range(6) for d, s, c in ((page.REFERENCE, 90, 100), (rule, 95, 40))
+    ]  # fmt: skip
+    verdict = page.against_reference(backdoor, rule)
+    assert (verdict["saved"], verdict["lost"]) == (0, 6) and not verdict["meets"]
+
+
+def test_embedding_source_report_refuses_to_overwrite_the_comparison_without_its_run_folders(tmp_path):
+    """The committed records lack the git-ignored run folders (the dropped rows); the report names them
+    instead of writing an empty comparison over the committed one."""
+    import shutil
+
+    compare = load_script("benchmarks/compare_embedding_sources.py")
+    source = ROOT / "docs/results/embedding_sources"
+    for mode in ("eval_pass", "training_pass"):
+        (tmp_path / mode).mkdir()
+        shutil.copy(source / mode / "results.jsonl", tmp_path / mode / "results.jsonl")
+    (tmp_path / "comparison.md").write_text("committed\n")
+    with pytest.raises(FileNotFoundError, match="run folders .*runs/badnets.* are missing"):
+        compare.report(tmp_path, list(range(12)), ["badnets", "gradient_matching"])
+    assert (tmp_path / "comparison.md").read_text() == "committed\n"
+
+
+def test_the_default_changes_only_for_a_rule_that_clears_the_bar_twice_and_loses_nowhere():
+    page = _drop_rules_module()
+    rule, other = page.RULES[1], page.RULES[0]
+    ok = {"trials": 24, "saved": 1, "lost": 0, "p": 1.0, "meets": True}
+    fails = {"trials": 24, "saved": 0, "lost": 0, "p": 1.0, "meets": False}
+    worse = {"trials": 24, "saved": 0, "lost": 9, "p": 0.004, "meets": False}
+    names = list(page.SCORING)  # three settings, three different attacks
+    verdicts = {names[0]: {rule: ok, other: fails}, names[1]: {rule: ok, other: fails}}
+    lines = page.decision(verdicts)
+    assert lines[1].endswith("it qualifies to become the default.") and "default stays" in lines[0]
+    verdicts[names[2]] = {rule: worse, other: fails}
+    lines = page.decision(verdicts)
+    assert "meets the bar in 2 of 3" in lines[1] and "so the default stays" in lines[1]
+    assert f"{names[2]} (0 saved / 9 lost, p = 0.004)" in lines[1]
+    # one attack is not enough
+    assert "default stays" in page.decision({names[0]: {rule: ok, other: fails}})[1]
+
+
+def test_the_scored_rule_settings_are_the_ones_the_replay_of_trials_0_to_11_chose():
+    """epic-0.2-persistent / epic-0.2-ranked carry the settings the page says were chosen from choice.json."""
+    from hf_epic.experiments.defenses import get_defense
+
+    page = _drop_rules_module()
+    tables = json.loads((ROOT / "docs/results/drop_rules/choice.json").read_text())
+    assert {t["trials"] for t in tables} == {"0-11"} and all(t["runs"] == 12 for t in tables)
+    chosen = page.chosen_settings(tables)
+    for defense in page.RULES:
+        settings = dict(get_defense(defense).epic_settings)
+        rule = settings.pop("epic_drop_rule")
+        options, _ = chosen[rule]
+        assert {k.removeprefix("epic_drop_"): v for k, v in settings.items()} == options

@@ -93,12 +93,24 @@ def matching_control() -> dict[str, str]:
 
 
 register_defense("none", group="none", epic_enabled=False)
+_REFERENCE_RULE = {"epic_drop_rule": "first_isolation"}  # the EPIC-x defenses are the reference method
 for _fraction in (0.1, 0.2, 0.3):
-    register_defense(f"epic-{_fraction}", group="epic", epic_fraction=_fraction)
-# EPIC-0.2 with the alternative drop rules of hf_epic.drop_rules, at their default settings
-for _rule in ("persistent", "ranked"):
-    register_defense(f"epic-0.2-{_rule}", group="epic", epic_settings={"epic_drop_rule": _rule})
+    register_defense(
+        f"epic-{_fraction}", group="epic", epic_fraction=_fraction, epic_settings=_REFERENCE_RULE
+    )
+# EPIC-0.2 with the alternative drop rules of hf_epic.drop_rules, at the settings chosen from the recorded
+# isolation evidence of trials 0-11 (benchmarks/replay_drop_rules.py; docs/results/drop_rules.md)
+register_defense(
+    "epic-0.2-persistent", group="epic",
+    epic_settings={"epic_drop_rule": "persistent", "epic_drop_persistence": 2},
+)  # fmt: skip
+register_defense(
+    "epic-0.2-ranked", group="epic", epic_settings={"epic_drop_rule": "ranked", "epic_drop_rank_share": 0.005}
+)
 register_defense("clean-control", group="control", epic_enabled=False, clean_set=True, control_of="none")
-register_defense("clean-epic-0.2", group="control", epic_fraction=0.2, clean_set=True, control_of="epic-0.2")
+register_defense(
+    "clean-epic-0.2", group="control", epic_fraction=0.2, clean_set=True, control_of="epic-0.2",
+    epic_settings=_REFERENCE_RULE,
+)  # fmt: skip
 
 from .. import baselines  # noqa: E402,F401  (registers the baselines: random, high-loss, low-confidence)
