@@ -366,8 +366,8 @@ EPIC's reference rule (`first_isolation`) drops a row the first time it is a sin
 alternatives in `hf_epic/drop_rules.py` drop fewer rows: `persistent` only rows isolated in
 consecutive rounds, `ranked` only the most isolated rows of a class per round. This page compares
 them with reference EPIC-0.2 on Fashion-MNIST (`vit-p7`, one CPU thread, the settings of
-[fashion_mnist.md](fashion_mnist.md)) by a protocol fixed before any scoring run: each rule's one
-setting was chosen from the reference runs of trials 0-11, and it is scored on trials 12-35. The page
+[fashion_mnist.md](fashion_mnist.md)): each rule's one setting was fixed from the reference runs of
+trials 0-11 before any scoring run, and it is scored on trials 12-35. The page
 is written from the records by one command (it runs the missing trials first; two processes on
 disjoint trials use both cores):
 
