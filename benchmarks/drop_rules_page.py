@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,14 +40,24 @@ import torch
 from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist_page import ALL_DEFENSES, CELLS, _name, _pct  # noqa: E402
+from fashion_mnist_page import (  # noqa: E402
+    ALL_DEFENSES,
+    CELLS,
+    _asr,
+    _name,
+    _pct,
+    benchmark_command,
+    epic_effect,
+    parse_command,
+    run_parsed,
+)
 
-from hf_epic.experiments import BenchmarkArguments, BenchmarkConfig, run_benchmark  # noqa: E402
+from hf_epic.experiments import BenchmarkArguments, BenchmarkConfig  # noqa: E402
 from hf_epic.experiments.args import parse_trials  # noqa: E402
 from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore  # noqa: E402
 from hf_epic.experiments.defenses import get_defense  # noqa: E402
-from hf_epic.experiments.report import summarize  # noqa: E402
-from hf_epic.significance import mcnemar_exact, wilson_interval  # noqa: E402
+from hf_epic.experiments.report import paired_targets, summarize  # noqa: E402
+from hf_epic.significance import mcnemar_exact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,19 +127,12 @@ class ScoringArguments:
 
 def scoring_command(name: str, trials: str = "12-35", output_dir: str = "docs/results/drop_rules") -> str:
     """The ``recipes/benchmark.py`` command of a scoring setting."""
-    return (
-        f"python recipes/benchmark.py {SCORING[name].flags()} --trials {trials} --num_threads 1 "
-        f"--output_dir {output_dir}/{name}"
-    )
+    return benchmark_command(SCORING[name].flags(), trials, f"{output_dir}/{name}")
 
 
 def parse_setting(name: str, trials: str, output_dir: str) -> tuple[BenchmarkArguments, BenchmarkConfig]:
     """The setting's command parsed by the benchmark's own parser."""
-    argv = shlex.split(scoring_command(name, trials, output_dir))[2:]
-    grid, config = HfArgumentParser((BenchmarkArguments, BenchmarkConfig)).parse_args_into_dataclasses(
-        args=argv
-    )
-    return grid, config
+    return parse_command(scoring_command(name, trials, output_dir))
 
 
 def run_settings(args: ScoringArguments) -> None:
@@ -139,18 +141,7 @@ def run_settings(args: ScoringArguments) -> None:
     for name in args.settings:
         grid, config = parse_setting(name, args.trials, args.output_dir)
         print(f"== {name}: {scoring_command(name, args.trials, args.output_dir)}", flush=True)
-        run_benchmark(
-            config, trials=grid.trial_numbers, attacks=grid.attacks, defenses=grid.defenses,
-            output_dir=grid.output_dir,
-        )  # fmt: skip
-
-
-def _successes(record: Mapping[str, Any]) -> list[bool] | tuple[int, int]:
-    """A record's attack outcome: per target, whether it landed in the poison class (targeted attacks);
-    (triggered images sent to the poison class, images evaluated) for a backdoor."""
-    if record.get("attack_kind") == "targeted":
-        return [int(p) == int(record["poison_class"]) for p in record["target_predictions"]]
-    return (int(record["num_success"]), int(record["num_evaluated"]))
+        run_parsed(grid, config)
 
 
 def against_reference(records: Sequence[Mapping[str, Any]], defense: str) -> dict[str, Any]:
@@ -160,15 +151,18 @@ def against_reference(records: Sequence[Mapping[str, Any]], defense: str) -> dic
     ours = {r["trial"]: r for r in records if r["defense"] == defense}
     theirs = {r["trial"]: r for r in records if r["defense"] == REFERENCE}
     trials = sorted(set(ours) & set(theirs))
-    saved = lost = 0
-    for trial in trials:
-        a, b = _successes(ours[trial]), _successes(theirs[trial])
-        if isinstance(a, list):
-            saved += sum(ref and not hit for hit, ref in zip(a, b))
-            lost += sum(hit and not ref for hit, ref in zip(a, b))
-        else:
-            rate, ref = a[0] / max(1, a[1]), b[0] / max(1, b[1])
-            saved, lost = saved + (rate < ref), lost + (rate > ref)
+    pairs = paired_targets([ours[t] for t in trials], [theirs[t] for t in trials])
+    if pairs:  # targeted: per target, (landed in the poison class here, under EPIC-0.2)
+        saved = sum(ref and not hit for hit, ref in pairs)
+        lost = sum(hit and not ref for hit, ref in pairs)
+    else:  # backdoor: per trial, the triggered success rates
+        rates = [
+            (ours[t]["num_success"] / max(1, ours[t]["num_evaluated"]),
+             theirs[t]["num_success"] / max(1, theirs[t]["num_evaluated"]))
+            for t in trials
+        ]  # fmt: skip
+        saved = sum(rate < ref for rate, ref in rates)
+        lost = sum(rate > ref for rate, ref in rates)
     n = len(trials)
     clean = sum(ours[t]["clean_dropped"] for t in trials) / max(1, n)
     clean_ref = sum(theirs[t]["clean_dropped"] for t in trials) / max(1, n)
@@ -182,16 +176,6 @@ def against_reference(records: Sequence[Mapping[str, Any]], defense: str) -> dic
         "meets": bool(n) and clean <= 0.5 * clean_ref and not (lost > saved and p <= 0.1)
         and accuracy >= accuracy_ref,
     }  # fmt: skip
-
-
-def _asr(row: Mapping[str, Any]) -> str:
-    if math.isnan(row["asr_ci_low"]):  # backdoor: triggered images pooled over trials
-        return f"{_pct(row['attack_success_rate'])} ({row['asr_successes']:,} of {row['asr_evaluated']:,})"
-    low, high = wilson_interval(row["asr_successes"], row["asr_evaluated"])
-    return (
-        f"{row['asr_successes']} of {row['asr_evaluated']}, {_pct(row['attack_success_rate'])} "
-        f"({100 * low:.1f}-{100 * high:.1f})"
-    )
 
 
 def setting_table(rows: Sequence[Mapping[str, Any]], records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -237,13 +221,9 @@ def grid_context(setting: Scoring, grid_dir: Path = ROOT / "docs/results/fashion
     none, epic = by.get("none"), by.get(REFERENCE)
     if none is None or epic is None:
         return []
-    if epic["vs_none_paired"]:
-        effect = f"saved {epic['vs_none_saved']} and lost {epic['vs_none_lost']} targets (p = {epic['vs_none_p']:.2f})"
-    else:
-        effect = f"took attack success from {_pct(none['attack_success_rate'])} to {_pct(epic['attack_success_rate'])}"
     return [
         f"In the grid's own cell ([fashion_mnist.md](fashion_mnist.md), trials 0-{epic['trials'] - 1}) EPIC-0.2 "
-        f"{effect} against no defense."
+        f"{epic_effect(none, epic)} against no defense."
     ]
 
 

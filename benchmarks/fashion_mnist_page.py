@@ -165,21 +165,36 @@ class PageArguments:
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads."})
 
 
+def benchmark_command(flags: str, trials: str, folder: str) -> str:
+    """The ``recipes/benchmark.py`` command running ``flags`` on ``trials`` into ``folder`` (one thread)."""
+    return f"python recipes/benchmark.py {flags} --trials {trials} --num_threads 1 --output_dir {folder}"
+
+
+def parse_command(command: str) -> tuple[BenchmarkArguments, BenchmarkConfig]:
+    """A :func:`benchmark_command` parsed by the benchmark's own parser (so a folder resumes from the same
+    settings)."""
+    grid, config = HfArgumentParser((BenchmarkArguments, BenchmarkConfig)).parse_args_into_dataclasses(
+        args=shlex.split(command)[2:]
+    )
+    return grid, config
+
+
+def run_parsed(grid: BenchmarkArguments, config: BenchmarkConfig) -> None:
+    """Run a parsed command's missing trials (the benchmark resumes its folder)."""
+    run_benchmark(
+        config, trials=grid.trial_numbers, attacks=grid.attacks, defenses=grid.defenses,
+        output_dir=grid.output_dir,
+    )  # fmt: skip
+
+
 def cell_command(name: str, trials: str = "12", output_dir: str = "docs/results/fashion_mnist") -> str:
     """The ``recipes/benchmark.py`` command of a cell."""
-    return (
-        f"python recipes/benchmark.py {CELLS[name].flags} --trials {trials} --num_threads 1 "
-        f"--output_dir {output_dir}/{name}"
-    )
+    return benchmark_command(CELLS[name].flags, trials, f"{output_dir}/{name}")
 
 
 def parse_cell(name: str, trials: str, output_dir: str) -> tuple[BenchmarkArguments, BenchmarkConfig]:
-    """The cell's command parsed by the benchmark's own parser (so the folder resumes from the same settings)."""
-    argv = shlex.split(cell_command(name, trials, output_dir))[2:]
-    grid, config = HfArgumentParser((BenchmarkArguments, BenchmarkConfig)).parse_args_into_dataclasses(
-        args=argv
-    )
-    return grid, config
+    """The cell's command parsed by the benchmark's own parser."""
+    return parse_command(cell_command(name, trials, output_dir))
 
 
 def run_cells(args: PageArguments) -> None:
@@ -194,10 +209,7 @@ def run_cells(args: PageArguments) -> None:
             if not link.exists() and not link.is_symlink():
                 link.symlink_to(Path("..") / shared / "pretrained", target_is_directory=True)
         print(f"== {name}: {cell_command(name, args.trials, args.output_dir)}", flush=True)
-        run_benchmark(
-            config, trials=grid.trial_numbers, attacks=grid.attacks, defenses=grid.defenses,
-            output_dir=grid.output_dir,
-        )  # fmt: skip
+        run_parsed(grid, config)
 
 
 def _pct(value: float, digits: int = 1) -> str:
@@ -249,6 +261,19 @@ def cell_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def epic_effect(none: Mapping[str, Any], epic: Mapping[str, Any]) -> str:
+    """What an EPIC summary row did against the undefended one: targets saved and lost (paired), or the
+    attack success rates (backdoors)."""
+    if epic["vs_none_paired"]:
+        return (
+            f"saved {epic['vs_none_saved']} and lost {epic['vs_none_lost']} of the "
+            f"{epic['vs_none_paired']} targets (p = {epic['vs_none_p']:.2f})"
+        )
+    return (
+        f"took attack success from {_pct(none['attack_success_rate'])} to {_pct(epic['attack_success_rate'])}"
+    )
+
+
 def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Per attack, one sentence on EPIC-0.2 against no defense, drawn from the summary rows."""
     by = {(r["attack"], r["defense"]): r for r in rows}
@@ -259,16 +284,7 @@ def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         name = _name(attack)
         name = name[0].upper() + name[1:]
-        if epic["vs_none_paired"]:
-            effect = (
-                f"EPIC-0.2 saved {epic['vs_none_saved']} and lost {epic['vs_none_lost']} of the "
-                f"{epic['vs_none_paired']} targets (p = {epic['vs_none_p']:.2f})"
-            )
-        else:
-            effect = (
-                f"EPIC-0.2 took attack success from {_pct(none['attack_success_rate'])} to "
-                f"{_pct(epic['attack_success_rate'])}"
-            )
+        effect = f"EPIC-0.2 {epic_effect(none, epic)}"
         ratio = (
             epic["poison_recall"] / epic["clean_dropped_fraction"]
             if epic["clean_dropped_fraction"]

@@ -272,30 +272,30 @@ def _suspicious_rows(
     state: dict[str, Any], spec: dict[str, Any] | None, limit: int = 10
 ) -> list[dict[str, Any]]:
     """The ``limit`` most suspicious dropped rows with their evidence (none where no round kept any)."""
-    from .drop_rules import RoundEvidence, suspicion
+    from .state import EpicState
 
     rounds = state.get("rounds") or []
-    evidence = [e for e in (RoundEvidence.from_record(r, i) for i, r in enumerate(rounds)) if e is not None]
     dropped = [int(r) for r in state.get("dropped") or []]
     num_rows = int(state.get("num_rows", 0))
-    if not evidence or not dropped or num_rows <= max(dropped):
+    if not dropped or num_rows <= max(dropped):
         return []
-    table = suspicion(evidence, num_rows)
-    dropped_in: dict[int, Any] = {}
-    for i, record in enumerate(rounds):
-        for row in record.get("newly_dropped") or []:
-            dropped_in.setdefault(int(row), (record.get("round", i + 1), record.get("epoch")))
+    run = EpicState(num_rows=num_rows, dropped=dropped, rounds=rounds)
+    if not run.evidence():
+        return []
+    table = run.suspicion()
+    dropped_in = run.round_dropped()
+    epochs = {int(r.get("round", i + 1)): r.get("epoch") for i, r in enumerate(rounds)}
     poisons = set(spec.get("poison_indices") or []) if spec else None
     out = []
     for row in table.ranking(dropped)[:limit].tolist():
-        number, epoch = dropped_in.get(row, (None, None))
+        number = dropped_in[row]
         out.append(
             {
                 "row": row,
                 "suspicion": f"{float(table.score[row]):.3f}",
                 "rounds_isolated": int(table.rounds_isolated[row]),
                 "mean_isolation": f"{float(table.mean_isolation[row]):.4f}",
-                "dropped_in": "–" if number is None else f"round {number} (epoch {_fmt(epoch)})",
+                "dropped_in": "–" if number is None else f"round {number} (epoch {_fmt(epochs.get(number))})",
                 "poison": None if poisons is None else ("yes" if row in poisons else "no"),
             }
         )

@@ -18,7 +18,7 @@ from ..machine import describe_machine
 from ..significance import mcnemar_exact, wilson_interval
 from .defenses import defense_names, matching_control
 
-__all__ = ["machines", "summarize", "write_report"]
+__all__ = ["machines", "paired_targets", "summarize", "write_report"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -170,7 +170,7 @@ def _target_successes(record: Mapping[str, Any]) -> list[bool] | None:
     return [int(p) == int(record["poison_class"]) for p in predictions]
 
 
-def _paired_targets(
+def paired_targets(
     group: Sequence[Mapping[str, Any]], other: Sequence[Mapping[str, Any]]
 ) -> list[tuple[bool, bool]]:
     """Per target scored in both runs of a trial: (landed in the poison class here, there)."""
@@ -187,7 +187,7 @@ def _beyond_control(
     group: Sequence[Mapping[str, Any]], control: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """Pair a defense's targets with its clean run's, trial by trial, and count the poisons' own successes."""
-    pairs = _paired_targets(group, control)
+    pairs = paired_targets(group, control)
     if not pairs:
         return {"control": None, "control_paired": 0, "successes_beyond_control": 0}
     beyond = sum(hit and not clean_hit for hit, clean_hit in pairs)
@@ -200,7 +200,7 @@ def _beyond_control(
 
 def _against_none(group: Sequence[Mapping[str, Any]], none: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Pair a defense's targets with the undefended run's, trial by trial: saved, lost, McNemar p."""
-    pairs = _paired_targets(group, none)
+    pairs = paired_targets(group, none)
     if not pairs:
         return {"vs_none_paired": 0, "vs_none_saved": None, "vs_none_lost": None, "vs_none_p": None}
     saved = sum(undefended and not hit for hit, undefended in pairs)
