@@ -329,7 +329,7 @@ def demo_section(folder: Path) -> list[str]:
         n = len(runs)
         lines.append(
             f"| all | {totals['plain']} of {n} | {totals['epic']} of {n} ({-100 * totals['cost'] / n:+.1f} points "
-            "of clean accuracy) | {_pct(totals['rows'] / totals['num_rows'], 0)} | {totals['poisons']} of {totals['num_poisons']} |"
+            f"of clean accuracy) | {_pct(totals['rows'] / totals['num_rows'], 0)} | {totals['poisons']} of {totals['num_poisons']} |"
         )
     return lines
 

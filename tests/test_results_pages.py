@@ -42,6 +42,17 @@ def test_fashion_mnist_page_and_readme_table_are_drawn_from_the_records(tmp_path
     assert "| transfer, 1 %, 16/255 | Bullseye Polytope |" in readme.read_text()
 
 
+def test_the_demo_section_sums_its_seeds():
+    lines = _page_module().demo_section(ROOT / "docs/results/fashion_mnist/demo")
+    runs = [json.loads(p.read_text())["rows"] for p in sorted((ROOT / "docs/results/fashion_mnist/demo").glob("*.json"))]
+    epic = [next(r for r in rows if r["run"].startswith("EPIC")) for rows in runs]
+    share = sum(r["rows_dropped"] for r in epic) / sum(r["num_rows"] for r in epic)
+    total = lines[-1]
+    assert total.startswith("| all |") and "{" not in total, total
+    assert f"| {100 * share:.0f} % |" in total
+    assert f"| {sum(r['poisons_dropped'] for r in epic)} of {sum(r['num_poisons'] for r in epic)} |" in total
+
+
 @pytest.mark.parametrize("name", list(_page_module().CELLS))
 def test_every_cell_command_parses_and_resumes_its_folder(name, tmp_path):
     page = _page_module()
