@@ -41,10 +41,15 @@ all groups, whose last row is updated as reaches shrink; for the cells of the gr
 pass, the same sum pair by pair (a group's cells are numbered consecutively, so they are a
 range). The constant term is lowered by a bound on the float32 rounding of the inputs, the
 products, the sums and the threshold, so the test passes every pair that the exact test
-passes (and a few more, which contribute nothing). Every group is still tested for every
-candidate: most groups lie in the sparse parts of a class and hold a few rows (about 83,000
-groups at 1,000,000 rows), and nodes of several groups pass (1) for most candidates in
-``D = 10``, so they would prune little.
+passes (and a few more, which contribute nothing). Every group is tested for a candidate's
+first evaluation: most groups lie in the sparse parts of a class and hold a few rows (about
+83,000 groups at 1,000,000 rows), and nodes of several groups pass (1) for most candidates in
+``D = 10``, so they would prune little. A candidate's later evaluations need only what its
+previous one found, because rows' best similarities only grow and reaches only shrink: the rows
+that contributed then, with their similarities (:attr:`Cells.contributors`, when at most
+``_MAX_CONTRIBUTORS``; a selected medoid takes over rows only among these), else the cells that
+passed (1) then (:attr:`Cells.known`), tested again. So only a candidate's first evaluation
+tests every group.
 
 Stochastic greedy on top of it
 ------------------------------
@@ -90,6 +95,8 @@ _CELL_WIDTH = 2.0
 _GROUP_WIDTH = 4.0
 # Candidates evaluated together beyond the never-evaluated ones (:func:`greedy_stochastic_cells`).
 _BATCH = 8
+# A candidate's contributing rows are kept (instead of its cells) when at most this many.
+_MAX_CONTRIBUTORS = 256
 # A gain evaluation covers every row when the groups that pass the test hold more than this
 # share of the (candidate, row) pairs.
 _DENSE_SHARE = 0.3
@@ -144,11 +151,20 @@ class Cells:
     """
 
     def __init__(
-        self, kernel: Any, leaf: int = _LEAF, budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT
+        self,
+        kernel: Any,
+        leaf: int = _LEAF,
+        budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT,
     ) -> None:
         if not kernel.sim.distance_based:
             raise ValueError(f"cells prune distance-based kernels only, not {kernel.metric!r}")
         self.sim = kernel.sim
+        # candidate row -> the cells that passed test (1) at its last evaluation (int32, a superset of
+        # those that pass now)
+        self.known: dict[int, torch.Tensor] = {}
+        # candidate row -> the rows that contributed to its gain at its last evaluation, as a 2 x m int32
+        # tensor: cell-major positions (into cell_cur) and the float32 similarities' bits
+        self.contributors: dict[int, torch.Tensor] = {}
         n = kernel.n
         self.n = n
         self.chunk_elements = int(min(_CHUNK_ELEMENTS, max(1, budget_bytes // _BYTES_PER_ELEMENT)))
@@ -274,16 +290,20 @@ class Cells:
         p = xc.shape[0]
         ext = torch.cat([xc, xc.new_ones(p, 1)], dim=1).to(torch.float32)
         threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)[:, None]
-        num = self.group_test.shape[1]
-        step = max(1, (1 << 19) // p)
-        if step >= num:
-            which, group = (ext @ self.group_test < threshold).nonzero(as_tuple=True)
-            return which, group
+        return self._test_groups(ext, threshold, 0, self.group_test.shape[1], max(1, (1 << 19) // p))
+
+    def _test_groups(
+        self, ext: torch.Tensor, threshold: torch.Tensor, first: int, last: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_active_groups` on the groups ``first .. last - 1``, ``step`` groups at a time."""
         which_parts, group_parts = [], []
-        for a in range(0, num, step):
-            w, g = (ext @ self.group_test[:, a : a + step] < threshold).nonzero(as_tuple=True)
+        for a in range(first, last, step):
+            b = min(last, a + step)
+            w, g = (ext @ self.group_test[:, a:b] < threshold).nonzero(as_tuple=True)
             which_parts.append(w)
             group_parts.append(g + a)
+        if len(which_parts) == 1:
+            return which_parts[0], group_parts[0]
         return torch.cat(which_parts), torch.cat(group_parts)
 
     def _active_cells(
@@ -292,11 +312,13 @@ class Cells:
         """The (candidate, cell) pairs passing test (1), among the cells of the given groups
         (the float32 test of :meth:`_active_groups`, pair by pair)."""
         counts = self.group_num_cells.index_select(0, group)
-        total = int(counts.sum())
-        # the cells of group g are first[g] .. first[g] + counts - 1
-        offset = self.group_first_cell.index_select(0, group) - (torch.cumsum(counts, 0) - counts)
-        cells = torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
-        which = torch.repeat_interleave(which, counts, output_size=total)
+        which = torch.repeat_interleave(which, counts, output_size=int(counts.sum()))
+        return self._test_cells(xc, which, self._cells_of_groups(group))
+
+    def _test_cells(
+        self, xc: torch.Tensor, which: torch.Tensor, cells: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs ``(which, cells)`` (candidate ``xc[which]``, cell) that pass test (1)."""
         ext = torch.cat([xc, xc.new_ones(xc.shape[0], 1)], dim=1).to(torch.float32)
         threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)
         t = (ext.index_select(0, which) * self.cell_test.index_select(0, cells)).sum(dim=1)
@@ -340,23 +362,128 @@ class Cells:
     def gains(self, cands: torch.Tensor) -> torch.Tensor:
         """Exact gains ``sum_i max(0, s(i, c) - cur_i)`` of ``cands`` (float64).
 
-        When most of the class can still contribute (the first steps), every row is evaluated
-        in contiguous blocks, which is cheaper than gathering nearly all cells pair by pair.
+        A candidate evaluated before needs only what its last evaluation found: the rows that
+        contributed then and their similarities (:attr:`contributors`), or, when they were many, the
+        cells that passed test (1) (:attr:`known`). Rows' best similarities only grow and reaches
+        only shrink, so no other row or cell can contribute now.
         """
+        rows = cands.tolist()
+        out = torch.zeros(len(rows), dtype=torch.float64)
+        listed = [(p, self.contributors.get(row)) for p, row in enumerate(rows)]
+        seen = [(p, packed) for p, packed in listed if packed is not None]
+        if seen:
+            self._gains_from_contributors(rows, seen, out)
+        rest = [p for p, packed in listed if packed is None]
+        if rest:
+            index = torch.tensor(rest, dtype=torch.int64)
+            out.index_copy_(0, index, self._gains_by_cells(cands.index_select(0, index)))
+        return out
+
+    def _gains_from_contributors(
+        self, rows: list[int], seen: list[tuple[int, torch.Tensor]], out: torch.Tensor
+    ) -> None:
+        """Gains of the candidates ``rows[p]`` for ``(p, contributors)`` in ``seen``, written to ``out[p]``;
+        their :attr:`contributors` shrink to the rows that still contribute."""
+        packs = [packed for _, packed in seen]
+        counts = [packed.shape[1] for packed in packs]
+        packed = torch.cat(packs, dim=1) if len(packs) > 1 else packs[0]
+        s = packed[1].view(torch.float32)
+        contrib = s - self.cell_cur.view(-1).index_select(0, packed[0].to(torch.int64))
+        positive = contrib > 0
+        which = torch.repeat_interleave(
+            torch.tensor([p for p, _ in seen], dtype=torch.int64),
+            torch.tensor(counts, dtype=torch.int64),
+            output_size=int(packed.shape[1]),
+        )
+        out.index_add_(0, which, contrib.clamp_min_(0.0).to(torch.float64))
+        for (p, part), keep in zip(seen, positive.split(counts)):
+            if not bool(keep.all()):
+                self.contributors[rows[p]] = part[:, keep]
+
+    def _gains_by_cells(self, cands: torch.Tensor) -> torch.Tensor:
+        """Gains of candidates without :attr:`contributors`: over the cells that pass test (1). When most
+        of the class can still contribute (the first steps), every row is evaluated in contiguous blocks,
+        which is cheaper than gathering nearly all cells pair by pair."""
         xc = self.x.index_select(0, cands).to(torch.float64)
-        which, group = self._active_groups(xc)
-        if int(self.group_size.index_select(0, group).sum()) > _DENSE_SHARE * self.n * cands.numel():
-            return self._dense_gains(cands)
-        which, cell = self._active_cells(xc, which, group)
+        rows = cands.tolist()
+        lists = [self.known.get(row) for row in rows]
+        fresh = [p for p, cells in enumerate(lists) if cells is None]
+        whiches, cells_parts = [], []
+        if fresh:
+            index = torch.tensor(fresh, dtype=torch.int64)
+            which, group = self._active_groups(xc.index_select(0, index))
+            if int(self.group_size.index_select(0, group).sum()) > _DENSE_SHARE * self.n * len(fresh):
+                return self._dense_gains(cands)
+            counts = self.group_num_cells.index_select(0, group)
+            which = torch.repeat_interleave(
+                index.index_select(0, which), counts, output_size=int(counts.sum())
+            )
+            whiches.append(which)
+            cells_parts.append(self._cells_of_groups(group))
+        if len(fresh) < len(rows):
+            seen = [(p, cells) for p, cells in enumerate(lists) if cells is not None]
+            counts = torch.tensor([cells.numel() for _, cells in seen], dtype=torch.int64)
+            positions = torch.tensor([p for p, _ in seen], dtype=torch.int64)
+            whiches.append(torch.repeat_interleave(positions, counts, output_size=int(counts.sum())))
+            cells_parts.append(torch.cat([cells for _, cells in seen]).to(torch.int64))
+        which, cell = self._test_cells(xc, torch.cat(whiches), torch.cat(cells_parts))
         out = torch.zeros(cands.numel(), dtype=torch.float64)
+        found_which, found_pos, found_s = [], [], []
+        width = self.members.shape[1]
         step = self._pairs_per_chunk()
         for a in range(0, int(which.numel()), step):
             w = which[a : a + step]
             c = cell[a : a + step]
             s = self._similarities(c, cands.index_select(0, w))
-            contrib = s.sub_(self.cell_cur.index_select(0, c)).clamp_min_(0.0).sum(dim=1, dtype=torch.float64)
-            out.index_add_(0, w, contrib)
+            contrib = s - self.cell_cur.index_select(0, c)
+            pair, slot = (contrib > 0).nonzero(as_tuple=True)
+            found_which.append(w.index_select(0, pair))
+            found_pos.append(c.index_select(0, pair) * width + slot)
+            found_s.append(s[pair, slot])
+            out.index_add_(0, w, contrib.clamp_min_(0.0).sum(dim=1, dtype=torch.float64))
+        if found_which:
+            self._remember(
+                rows, which, cell, torch.cat(found_which), torch.cat(found_pos), torch.cat(found_s)
+            )
         return out
+
+    def _cells_of_groups(self, group: torch.Tensor) -> torch.Tensor:
+        """The cells of each of ``group`` in turn (repeated groups repeat their cells)."""
+        counts = self.group_num_cells.index_select(0, group)
+        total = int(counts.sum())
+        # the cells of group g are first[g] .. first[g] + counts - 1
+        offset = self.group_first_cell.index_select(0, group) - (torch.cumsum(counts, 0) - counts)
+        return torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
+
+    def _remember(
+        self,
+        rows: list[int],
+        which: torch.Tensor,
+        cell: torch.Tensor,
+        found_which: torch.Tensor,
+        found_pos: torch.Tensor,
+        found_s: torch.Tensor,
+    ) -> None:
+        """Stores what the evaluation of the candidates ``rows`` found: for ``rows[p]``, its contributing
+        rows (cell-major positions ``found_pos``, similarities ``found_s``, where ``found_which == p``)
+        in :attr:`contributors` if at most ``_MAX_CONTRIBUTORS``, else the cells that passed test (1)
+        (``cell``, where ``which == p``) in :attr:`known`."""
+        order = torch.argsort(found_which, stable=True)
+        counts = torch.bincount(found_which, minlength=len(rows)).tolist()
+        packed = torch.stack([found_pos.to(torch.int32), found_s.view(torch.int32)]).index_select(1, order)
+        many = []
+        for p, (row, part) in enumerate(zip(rows, packed.split(counts, dim=1))):
+            if part.shape[1] <= _MAX_CONTRIBUTORS:
+                self.contributors[row] = part.clone(memory_format=torch.contiguous_format)
+                self.known.pop(row, None)
+            else:
+                many.append(p)
+        if many:
+            order = torch.argsort(which, stable=True)
+            per = torch.bincount(which, minlength=len(rows)).tolist()
+            parts = cell.index_select(0, order).to(torch.int32).split(per)
+            for p in many:
+                self.known[rows[p]] = parts[p].clone(memory_format=torch.contiguous_format)
 
     def _dense_gains(self, cands: torch.Tensor) -> torch.Tensor:
         """:meth:`gains` over every row (cell-major, padding included: it never contributes)."""
@@ -380,7 +507,26 @@ class Cells:
     def select(self, j: int) -> None:
         """Adds medoid ``j``: rows it represents better take it as their medoid."""
         cand = torch.tensor([j])
-        _, cell = self.active_pairs(cand)
+        known = self.known.pop(j, None)
+        packed = self.contributors.pop(j, None)
+        if packed is not None:  # the rows j can take over are among those its last evaluation found
+            pos = packed[0].to(torch.int64)
+            s = packed[1].view(torch.float32)
+            flat_cur = self.cell_cur.view(-1)
+            better = s > flat_cur.index_select(0, pos)
+            pos, s = pos[better], s[better]
+            if pos.numel():
+                flat_cur.index_copy_(0, pos, s)
+                self.cell_assign.view(-1).index_fill_(0, pos, j)
+                self._refresh(torch.unique(pos // self.members.shape[1]))
+            return
+        if known is None:
+            _, cell = self.active_pairs(cand)
+        else:  # the cells j passed when last evaluated (reaches only shrink), tested again
+            cell = known.to(torch.int64)
+            _, cell = self._test_cells(
+                self.x.index_select(0, cand).to(torch.float64), torch.zeros_like(cell), cell
+            )
         step = self._pairs_per_chunk()
         for a in range(0, int(cell.numel()), step):
             c = cell[a : a + step]
@@ -389,18 +535,21 @@ class Cells:
             better = s > cur
             if not bool(better.any()):
                 continue
-            cur = torch.where(better, s, cur)
-            self.cell_cur.index_copy_(0, c, cur)
+            self.cell_cur.index_copy_(0, c, torch.where(better, s, cur))
             self.cell_assign.index_copy_(0, c, self.cell_assign.index_select(0, c).masked_fill_(better, j))
-            cur64 = cur.to(torch.float64)
-            # the padding's best similarity (2) is clipped to 1: reach 0
-            reach = self.sim.to_distance((cur64 - _SIM_MARGIN).clamp_max_(1.0), self.dim)
-            self.reach.index_copy_(0, c, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
-            self._update_cell_test(c)
-            groups = self.group_of_cell.index_select(0, c).unique()
-            group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
-            self.group_reach.index_copy_(0, groups, group_reach.view(groups.numel(), -1).amax(dim=1))
-            self._update_group_test(groups)
+            self._refresh(c)
+
+    def _refresh(self, cells: torch.Tensor) -> None:
+        """Recomputes the reach and test (1) of ``cells`` and of their groups from :attr:`cell_cur`."""
+        cur64 = self.cell_cur.index_select(0, cells).to(torch.float64)
+        # the padding's best similarity (2) is clipped to 1: reach 0
+        reach = self.sim.to_distance((cur64 - _SIM_MARGIN).clamp_max_(1.0), self.dim)
+        self.reach.index_copy_(0, cells, reach.amax(dim=1) * (1.0 + 1e-6) + self.slack)
+        self._update_cell_test(cells)
+        groups = self.group_of_cell.index_select(0, cells).unique()
+        group_reach = self.reach.index_select(0, self.group_cells.index_select(0, groups).reshape(-1))
+        self.group_reach.index_copy_(0, groups, group_reach.view(groups.numel(), -1).amax(dim=1))
+        self._update_group_test(groups)
 
 
 def _kd_cells(
@@ -487,8 +636,14 @@ def greedy_stochastic_cells(
         leaf: Rows per cell.
     """
     cells = Cells(kernel, leaf, budget_bytes)
-    sampler = FreeSampler(kernel.n, generator)
-    bound = np.full(kernel.n, np.inf)
+    return _stochastic_steps(cells, budget, sample_size, generator), cells.assign
+
+
+def _stochastic_steps(cells: Cells, budget: int, sample_size: int, generator: torch.Generator) -> list[int]:
+    """The steps of :func:`greedy_stochastic_cells`; returns the medoids in order."""
+    n = cells.n
+    sampler = FreeSampler(n, generator)
+    bound = np.full(n, np.inf)
     order: list[int] = []
     for _ in range(budget):
         cand = sampler.sample(sample_size).numpy()
@@ -513,4 +668,4 @@ def greedy_stochastic_cells(
         order.append(best_row)
         sampler.remove(best_row)
         cells.select(best_row)
-    return order, cells.assign
+    return order
