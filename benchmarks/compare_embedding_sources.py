@@ -61,7 +61,12 @@ def _dropped(folder: Path, attack: str, trial: int) -> set[int] | None:
 
 
 def report(out: Path, trials: list[int], attacks: list[str]) -> str:
-    """The paired comparison as Markdown (also written to ``<out>/comparison.md`` and ``.json``)."""
+    """The paired comparison as Markdown (also written to ``<out>/comparison.md`` and ``.json``).
+
+    The paired p-value is the exact two-sided McNemar test over the targets a targeted attack reached
+    under one mode only, and for a backdoor the exact sign test over the trials whose attack success
+    differs between the modes.
+    """
     folders = {mode: out / mode for mode in EMBEDDING_SOURCE_CHOICES}
     records = {mode: ResultStore(folder / RESULTS_FILE).records for mode, folder in folders.items()}
     rows, summary, missing = [], {}, []
@@ -85,10 +90,13 @@ def report(out: Path, trials: list[int], attacks: list[str]) -> str:
                 per[m]["poisons"].append(c["poisons_dropped"])
                 per[m]["clean"].append(c["clean_dropped"])
                 per[m]["num_poisons"].append(c["num_poisons"])
-            if cells["eval_pass"].get("attack_kind") == "targeted":
+            if cells["eval_pass"].get("attack_kind") == "targeted":  # per target: landed or not
                 success = {m: cells[m]["asr"] > 0.5 for m in folders}
                 first_only += success["eval_pass"] and not success["training_pass"]
                 second_only += success["training_pass"] and not success["eval_pass"]
+            else:  # a backdoor, per trial: which mode let more triggered images through (sign test)
+                first_only += cells["eval_pass"]["asr"] > cells["training_pass"]["asr"]
+                second_only += cells["training_pass"]["asr"] > cells["eval_pass"]["asr"]
         n = len(jaccards)
         if not n:
             continue
@@ -124,7 +132,7 @@ def report(out: Path, trials: list[int], attacks: list[str]) -> str:
     text = "\n".join(
         [
             "| attack | embedding source | trials | ASR % | clean acc % | poisons dropped (all trials) | "
-            "clean rows dropped / trial | Jaccard of the dropped sets (mean, min) | McNemar p |",
+            "clean rows dropped / trial | Jaccard of the dropped sets (mean, min) | paired p |",
             "|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]

@@ -155,6 +155,28 @@ def test_embedding_source_report_refuses_to_overwrite_the_comparison_without_its
     assert (tmp_path / "comparison.md").read_text() == "committed\n"
 
 
+def test_embedding_source_report_pairs_a_backdoor_trial_by_trial(tmp_path):
+    """BadNets' two modes are paired per trial (sign test): the eval pass lower in all 6 trials gives
+    p = 2 / 2**6; Jaccard from the run folders' dropped rows."""
+    from hf_epic.experiments.benchmark import ResultStore
+
+    compare = load_script("benchmarks/compare_embedding_sources.py")
+    for mode, asr, dropped in (("eval_pass", 0.3, [1, 2, 3]), ("training_pass", 0.9, [2, 3, 4])):
+        store = ResultStore(tmp_path / mode / "results.jsonl")
+        for t in range(6):
+            store.append({
+                "key": f"trial={t}|attack=badnets|defense=epic-0.2", "attack_kind": "backdoor", "asr": asr,
+                "clean_accuracy": 0.8, "poisons_dropped": 10, "clean_dropped": 5, "num_poisons": 50,
+            })  # fmt: skip
+            state = tmp_path / mode / "runs/badnets" / f"trial_{t:03d}" / "epic-0.2" / "epic_state.json"
+            state.parent.mkdir(parents=True)
+            state.write_text(json.dumps({"dropped": dropped}))
+    compare.report(tmp_path, list(range(6)), ["badnets"])
+    summary = json.loads((tmp_path / "comparison.json").read_text())["badnets"]
+    assert summary["mcnemar_p"] == pytest.approx(2 / 2**6)
+    assert summary["jaccard_mean"] == pytest.approx(0.5) and summary["trials"] == 6
+
+
 def test_the_default_changes_only_for_a_rule_that_clears_the_bar_twice_and_loses_nowhere():
     page = _drop_rules_module()
     rule, other = page.RULES[1], page.RULES[0]
