@@ -32,7 +32,7 @@ from hf_epic.experiments.args import parse_trials
 from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore
 from hf_epic.significance import mcnemar_exact
 
-DEFENSES = ("none", "epic-0.2")
+DEFENSES = ("none", "epic-0.2")  # the report pairs the EPIC-0.2 runs; "none" gives the undefended context
 
 
 @dataclass
@@ -43,6 +43,14 @@ class CompareArguments:
     trials: str = field(default="12", metadata={"help": "Count N, range a-b, or list a,b,c."})
     attacks: list[str] = field(
         default_factory=lambda: ["badnets", "gradient_matching"], metadata={"help": "Attacks to run."}
+    )
+    defenses: list[str] = field(
+        default_factory=lambda: list(DEFENSES),
+        metadata={
+            "help": "Defenses each mode runs: the report needs epic-0.2; none adds the undefended runs "
+            "(leave it out when the same grid's none runs are recorded elsewhere).",
+            "choices": list(DEFENSES),
+        },
     )
     modes: list[str] = field(
         default_factory=lambda: list(EMBEDDING_SOURCE_CHOICES),
@@ -151,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     trials, out = parse_trials(grid.trials), Path(grid.output_dir)
     for mode in [] if grid.report_only else grid.modes:
         config.epic_embedding_source = mode
-        run_benchmark(config, trials=trials, attacks=grid.attacks, defenses=DEFENSES, output_dir=out / mode)
+        run_benchmark(
+            config, trials=trials, attacks=grid.attacks, defenses=grid.defenses, output_dir=out / mode
+        )
     print(report(out, trials, grid.attacks))
     return 0
 
