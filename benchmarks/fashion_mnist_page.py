@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from hf_epic.baselines import BASELINES
 from hf_epic.experiments import BenchmarkArguments, BenchmarkConfig, run_benchmark
 from hf_epic.experiments.args import parse_trials
 from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore
@@ -295,9 +296,28 @@ def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             f"accuracy; it dropped {_pct(epic['poison_recall'], 0)} of the poisons and "
             f"{_pct(epic['clean_dropped_fraction'], 0)} of the clean rows"
             + ("" if math.isnan(ratio) else f" ({ratio:.1f} times the clean rows' share)")
+            + _against_baselines(by, attack, epic)
             + "."
         )
     return lines
+
+
+def _against_baselines(
+    by: Mapping[tuple[str, str], Mapping[str, Any]], attack: str, epic: Mapping[str, Any]
+) -> str:
+    """The dropping baselines at EPIC-0.2's counts, for comparison: those that ran EPIC-0.2's trials."""
+    ran = [
+        (name, row) for name in BASELINES
+        if (row := by.get((attack, name))) is not None and row["trials"] == epic["trials"]
+    ]  # fmt: skip
+    if not ran:
+        return ""
+    names = " / ".join(name for name, _ in ran)
+    return (
+        f"; {names} dropping at the same counts dropped "
+        f"{' / '.join(_pct(row['poison_recall'], 0) for _, row in ran)} of the poisons, with attack success "
+        f"{' / '.join(_pct(row['attack_success_rate']) for _, row in ran)} (EPIC-0.2: {_pct(epic['attack_success_rate'])})"
+    )
 
 
 def demo_section(folder: Path) -> list[str]:
@@ -335,10 +355,12 @@ def demo_section(folder: Path) -> list[str]:
 
 
 def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
-    """The README's condensed table: undefended against EPIC-0.2 for every attack of every cell."""
+    """The README's condensed table: undefended against EPIC-0.2 for every attack of every cell, and the
+    dropping baseline with the lowest attack success at EPIC-0.2's counts (among those on its trials)."""
     lines = [
-        "| setting | attack | trials | no poisons | undefended | EPIC-0.2 | clean acc. | poisons / clean rows EPIC dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | attack | trials | no poisons | undefended | EPIC-0.2 | best baseline at EPIC's counts "
+        "| clean acc. | poisons / clean rows EPIC dropped |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in summaries.items():
         by = {(r["attack"], r["defense"]): r for r in rows}
@@ -352,10 +374,14 @@ def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
                 if math.isnan(none["asr_ci_low"])
                 else (lambda r: f"{r['asr_successes']} of {r['asr_evaluated']}")
             )
+            baselines = [
+                row for b in BASELINES if (row := by.get((attack, b))) is not None and row["trials"] == epic["trials"]
+            ]  # fmt: skip
+            best = min(baselines, key=lambda r: r["attack_success_rate"], default=None)
             lines.append(
                 f"| {CELLS[name].short}"
                 f" | {_name(attack)} | {epic['trials']} | {'–' if control is None else rate(control)} | {rate(none)} | "
-                f"{rate(epic)} | "
+                f"{rate(epic)} | {'–' if best is None else best['defense'] + ', ' + rate(best)} | "
                 f"{_pct(none['clean_accuracy'])} → {_pct(epic['clean_accuracy'])} | "
                 f"{_pct(epic['poison_recall'], 0)} / {_pct(epic['clean_dropped_fraction'], 0)} |"
             )

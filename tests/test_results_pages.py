@@ -53,6 +53,25 @@ def test_the_demo_section_sums_its_seeds():
     assert f"| {sum(r['poisons_dropped'] for r in epic)} of {sum(r['num_poisons'] for r in epic)} |" in total
 
 
+def test_the_epic_sentence_compares_the_baselines_only_on_the_same_trials():
+    page = _page_module()
+    base = {"attack": "gradient_matching", "trials": 12, "clean_accuracy": 0.75, "vs_none_paired": 12,
+            "vs_none_saved": 0, "vs_none_lost": 0, "vs_none_p": 1.0}  # fmt: skip
+    rows = [
+        {**base, "defense": "none", "attack_success_rate": 0.5, "poison_recall": 0.0, "clean_dropped_fraction": 0.0},
+        {**base, "defense": "epic-0.2", "attack_success_rate": 0.5, "poison_recall": 0.15, "clean_dropped_fraction": 0.2},
+        {**base, "defense": "random", "attack_success_rate": 0.25, "poison_recall": 0.3, "clean_dropped_fraction": 0.2},
+    ]  # fmt: skip
+    rows.append({**rows[2], "defense": "high-loss", "attack_success_rate": 0.125, "poison_recall": 0.45})
+    (sentence,) = page.epic_summary(rows)
+    assert "random / high-loss dropping at the same counts dropped 30 % / 45 % of the poisons" in sentence
+    assert "attack success 25.0 % / 12.5 % (EPIC-0.2: 50.0 %)" in sentence
+    rows[2]["trials"] = 6  # random not yet on every trial: left out
+    assert "; high-loss dropping at the same counts dropped 45 %" in page.epic_summary(rows)[0]
+    rows[3]["trials"] = 6
+    assert "dropping at the same counts" not in page.epic_summary(rows)[0]
+
+
 @pytest.mark.parametrize("name", list(_page_module().CELLS))
 def test_every_cell_command_parses_and_resumes_its_folder(name, tmp_path):
     page = _page_module()
