@@ -291,20 +291,16 @@ class Cells:
         p = xc.shape[0]
         ext = torch.cat([xc, xc.new_ones(p, 1)], dim=1).to(torch.float32)
         threshold = (xc * xc).sum(dim=1).neg_().to(torch.float32)[:, None]
-        return self._test_groups(ext, threshold, 0, self.group_test.shape[1], max(1, (1 << 19) // p))
-
-    def _test_groups(
-        self, ext: torch.Tensor, threshold: torch.Tensor, first: int, last: int, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_active_groups` on the groups ``first .. last - 1``, ``step`` groups at a time."""
+        num = self.group_test.shape[1]
+        step = max(1, (1 << 19) // p)
+        if step >= num:
+            which, group = (ext @ self.group_test < threshold).nonzero(as_tuple=True)
+            return which, group
         which_parts, group_parts = [], []
-        for a in range(first, last, step):
-            b = min(last, a + step)
-            w, g = (ext @ self.group_test[:, a:b] < threshold).nonzero(as_tuple=True)
+        for a in range(0, num, step):
+            w, g = (ext @ self.group_test[:, a : a + step] < threshold).nonzero(as_tuple=True)
             which_parts.append(w)
             group_parts.append(g + a)
-        if len(which_parts) == 1:
-            return which_parts[0], group_parts[0]
         return torch.cat(which_parts), torch.cat(group_parts)
 
     def _active_cells(
