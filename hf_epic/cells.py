@@ -61,9 +61,9 @@ are added), so candidates are evaluated in order of bound and the rest are skipp
 bound can beat the best gain found. The never-evaluated candidates are evaluated together
 with the next ``_BATCH`` by bound, then ``_BATCH`` at a time: an evaluation has a fixed cost
 (a few dozen tensor operations, and for a first evaluation the test of every group) worth several
-candidates. A class of 200,000 rows at fraction 0.1 takes about a minute on one free CPU core;
-the time grows about quadratically with the class, most of it in candidates' first evaluations
-(measured times in ``benchmarks/README.md``).
+candidates. A class of 200,000 rows at fraction 0.1 takes about a minute on one CPU core, one of
+1,000,000 rows about nine minutes; the time grows about quadratically with the class, most of it in
+candidates' first evaluations (measured times in ``benchmarks/README.md``).
 
 Exact (lazy) greedy gains nothing from cells at the sizes a CPU can handle: its first steps
 need the gains of nearly every candidate while every reach is still large (``O(n^2)``
