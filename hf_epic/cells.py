@@ -152,10 +152,7 @@ class Cells:
     """
 
     def __init__(
-        self,
-        kernel: Any,
-        leaf: int = _LEAF,
-        budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT,
+        self, kernel: Any, leaf: int = _LEAF, budget_bytes: int = _CHUNK_ELEMENTS * _BYTES_PER_ELEMENT
     ) -> None:
         if not kernel.sim.distance_based:
             raise ValueError(f"cells prune distance-based kernels only, not {kernel.metric!r}")
@@ -308,9 +305,7 @@ class Cells:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The (candidate, cell) pairs passing test (1), among the cells of the given groups
         (the float32 test of :meth:`_active_groups`, pair by pair)."""
-        counts = self.group_num_cells.index_select(0, group)
-        which = torch.repeat_interleave(which, counts, output_size=int(counts.sum()))
-        return self._test_cells(xc, which, self._cells_of_groups(group))
+        return self._test_cells(xc, *self._pairs_of_groups(which, group))
 
     def _test_cells(
         self, xc: torch.Tensor, which: torch.Tensor, cells: torch.Tensor
@@ -411,12 +406,9 @@ class Cells:
             which, group = self._active_groups(xc.index_select(0, index))
             if int(self.group_size.index_select(0, group).sum()) > _DENSE_SHARE * self.n * len(fresh):
                 return self._dense_gains(cands)
-            counts = self.group_num_cells.index_select(0, group)
-            which = torch.repeat_interleave(
-                index.index_select(0, which), counts, output_size=int(counts.sum())
-            )
+            which, cell = self._pairs_of_groups(index.index_select(0, which), group)
             whiches.append(which)
-            cells_parts.append(self._cells_of_groups(group))
+            cells_parts.append(cell)
         if len(fresh) < len(rows):
             seen = [(p, cells) for p, cells in enumerate(lists) if cells is not None]
             counts = torch.tensor([cells.numel() for _, cells in seen], dtype=torch.int64)
@@ -444,13 +436,14 @@ class Cells:
             )
         return out
 
-    def _cells_of_groups(self, group: torch.Tensor) -> torch.Tensor:
-        """The cells of each of ``group`` in turn (repeated groups repeat their cells)."""
+    def _pairs_of_groups(self, which: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(candidate, group) pairs expanded to a (candidate, cell) pair for every cell of the group."""
         counts = self.group_num_cells.index_select(0, group)
         total = int(counts.sum())
         # the cells of group g are first[g] .. first[g] + counts - 1
         offset = self.group_first_cell.index_select(0, group) - (torch.cumsum(counts, 0) - counts)
-        return torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
+        cells = torch.repeat_interleave(offset, counts, output_size=total) + torch.arange(total)
+        return torch.repeat_interleave(which, counts, output_size=total), cells
 
     def _remember(
         self,
@@ -633,14 +626,8 @@ def greedy_stochastic_cells(
         leaf: Rows per cell.
     """
     cells = Cells(kernel, leaf, budget_bytes)
-    return _stochastic_steps(cells, budget, sample_size, generator), cells.assign
-
-
-def _stochastic_steps(cells: Cells, budget: int, sample_size: int, generator: torch.Generator) -> list[int]:
-    """The steps of :func:`greedy_stochastic_cells`; returns the medoids in order."""
-    n = cells.n
-    sampler = FreeSampler(n, generator)
-    bound = np.full(n, np.inf)
+    sampler = FreeSampler(kernel.n, generator)
+    bound = np.full(kernel.n, np.inf)
     order: list[int] = []
     for _ in range(budget):
         cand = sampler.sample(sample_size).numpy()
@@ -665,4 +652,4 @@ def _stochastic_steps(cells: Cells, budget: int, sample_size: int, generator: to
         order.append(best_row)
         sampler.remove(best_row)
         cells.select(best_row)
-    return order
+    return order, cells.assign
