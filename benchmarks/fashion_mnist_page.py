@@ -302,21 +302,27 @@ def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def baselines_on_epic_trials(
+    by: Mapping[tuple[str, str], Mapping[str, Any]], attack: str, epic: Mapping[str, Any]
+) -> list[Mapping[str, Any]]:
+    """The summary rows of the dropping baselines (at EPIC-0.2's counts) that ran all of EPIC-0.2's trials."""
+    return [
+        row for name in BASELINES
+        if (row := by.get((attack, name))) is not None and row["trials"] == epic["trials"]
+    ]  # fmt: skip
+
+
 def _against_baselines(
     by: Mapping[tuple[str, str], Mapping[str, Any]], attack: str, epic: Mapping[str, Any]
 ) -> str:
     """The dropping baselines at EPIC-0.2's counts, for comparison: those that ran EPIC-0.2's trials."""
-    ran = [
-        (name, row) for name in BASELINES
-        if (row := by.get((attack, name))) is not None and row["trials"] == epic["trials"]
-    ]  # fmt: skip
+    ran = baselines_on_epic_trials(by, attack, epic)
     if not ran:
         return ""
-    names = " / ".join(name for name, _ in ran)
     return (
-        f"; {names} dropping at the same counts dropped "
-        f"{' / '.join(_pct(row['poison_recall'], 0) for _, row in ran)} of the poisons, with attack success "
-        f"{' / '.join(_pct(row['attack_success_rate']) for _, row in ran)} (EPIC-0.2: {_pct(epic['attack_success_rate'])})"
+        f"; {' / '.join(row['defense'] for row in ran)} dropping at the same counts dropped "
+        f"{' / '.join(_pct(row['poison_recall'], 0) for row in ran)} of the poisons, with attack success "
+        f"{' / '.join(_pct(row['attack_success_rate']) for row in ran)} (EPIC-0.2: {_pct(epic['attack_success_rate'])})"
     )
 
 
@@ -374,10 +380,11 @@ def readme_table(summaries: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
                 if math.isnan(none["asr_ci_low"])
                 else (lambda r: f"{r['asr_successes']} of {r['asr_evaluated']}")
             )
-            baselines = [
-                row for b in BASELINES if (row := by.get((attack, b))) is not None and row["trials"] == epic["trials"]
-            ]  # fmt: skip
-            best = min(baselines, key=lambda r: r["attack_success_rate"], default=None)
+            best = min(
+                baselines_on_epic_trials(by, attack, epic),
+                key=lambda r: r["attack_success_rate"],
+                default=None,
+            )
             lines.append(
                 f"| {CELLS[name].short}"
                 f" | {_name(attack)} | {epic['trials']} | {'–' if control is None else rate(control)} | {rate(none)} | "
