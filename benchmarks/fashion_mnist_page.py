@@ -275,12 +275,45 @@ def epic_effect(none: Mapping[str, Any], epic: Mapping[str, Any]) -> str:
     )
 
 
+def _targets(count: int) -> str:
+    return f"{count} target" + ("" if count == 1 else "s")
+
+
+def attack_strength(none: Mapping[str, Any], control: Mapping[str, Any]) -> str:
+    """Whether the attack itself works in a cell: the undefended run against the clean control (the same
+    training without poisons). A defense can only be shown to work where this difference is."""
+    name = _name(none["attack"])
+    if not control["vs_none_paired"]:  # backdoor: triggered images pooled over trials
+        return (
+            f"Undefended, {_pct(none['attack_success_rate'])} of the triggered images went to the poison class "
+            f"under {name}, against {_pct(control['attack_success_rate'])} with no poisons (clean control)."
+        )
+    turned = control["vs_none_saved"]
+    text = (
+        f"Undefended, {name} succeeded on {none['asr_successes']} of {none['asr_evaluated']} targets, against "
+        f"{control['asr_successes']} of {control['asr_evaluated']} misclassified the same way with no poisons "
+        f"(clean control): the poisons turned {_targets(turned)}, and {control['vs_none_lost']} went the "
+        f"other way (McNemar p = {control['vs_none_p']:.2f})."
+    )
+    best = min(1.0, 2.0 * 0.5**turned)  # exact McNemar p of `turned` saved and none lost
+    if turned == 0:
+        text += " No defense's effect can show here."
+    elif best >= 0.05:
+        which = "it" if turned == 1 else f"all {turned}"
+        text += f" Too few for a defense's effect to show: saving {which} with none lost would give p = {best:.2f}."
+    return text
+
+
 def epic_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Per attack, one sentence on EPIC-0.2 against no defense, drawn from the summary rows."""
+    """Per attack, a sentence on the attack against the clean control, then one on EPIC-0.2 against no
+    defense, drawn from the summary rows."""
     by = {(r["attack"], r["defense"]): r for r in rows}
     lines = []
     for attack in dict.fromkeys(r["attack"] for r in rows):
         none, epic = by.get((attack, "none")), by.get((attack, "epic-0.2"))
+        control = by.get((attack, "clean-control"))
+        if none is not None and control is not None:
+            lines.append(attack_strength(none, control))
         if none is None or epic is None:
             continue
         name = _name(attack)

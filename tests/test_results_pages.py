@@ -44,7 +44,10 @@ def test_fashion_mnist_page_and_readme_table_are_drawn_from_the_records(tmp_path
 
 def test_the_demo_section_sums_its_seeds():
     lines = _page_module().demo_section(ROOT / "docs/results/fashion_mnist/demo")
-    runs = [json.loads(p.read_text())["rows"] for p in sorted((ROOT / "docs/results/fashion_mnist/demo").glob("*.json"))]
+    runs = [
+        json.loads(p.read_text())["rows"]
+        for p in sorted((ROOT / "docs/results/fashion_mnist/demo").glob("*.json"))
+    ]
     epic = [next(r for r in rows if r["run"].startswith("EPIC")) for rows in runs]
     share = sum(r["rows_dropped"] for r in epic) / sum(r["num_rows"] for r in epic)
     total = lines[-1]
@@ -70,6 +73,35 @@ def test_the_epic_sentence_compares_the_baselines_only_on_the_same_trials():
     assert "; high-loss dropping at the same counts dropped 45 %" in page.epic_summary(rows)[0]
     rows[3]["trials"] = 6
     assert "dropping at the same counts" not in page.epic_summary(rows)[0]
+
+
+def test_the_attack_sentence_says_when_the_poisons_turned_too_few_targets_for_a_defense_to_show():
+    page = _page_module()
+    none = {
+        "attack": "bullseye_polytope",
+        "asr_successes": 7,
+        "asr_evaluated": 12,
+        "attack_success_rate": 7 / 12,
+    }
+    control = {"asr_successes": 2, "asr_evaluated": 12, "attack_success_rate": 2 / 12, "vs_none_paired": 12,
+               "vs_none_saved": 5, "vs_none_lost": 0, "vs_none_p": 0.0625}  # fmt: skip
+    text = page.attack_strength(none, control)
+    assert "succeeded on 7 of 12 targets, against 2 of 12" in text
+    assert "the poisons turned 5 targets, and 0 went the other way (McNemar p = 0.06)" in text
+    assert "saving all 5 with none lost would give p = 0.06." in text
+    strong = {**control, "asr_successes": 1, "vs_none_saved": 6, "vs_none_p": 0.03125}
+    assert "Too few" not in page.attack_strength({**none, "asr_successes": 7}, strong)
+    assert "saving it with none lost would give p = 1.00" in page.attack_strength(
+        none, {**control, "vs_none_saved": 1}
+    )
+    backdoor = page.attack_strength(
+        {"attack": "badnets", "attack_success_rate": 0.978},
+        {"vs_none_paired": 0, "attack_success_rate": 0.021},
+    )
+    assert (
+        backdoor.startswith("Undefended, 97.8 % of the triggered images")
+        and "2.1 % with no poisons" in backdoor
+    )
 
 
 @pytest.mark.parametrize("name", list(_page_module().CELLS))
