@@ -454,8 +454,8 @@ HOW_TO_READ = """## How to read it
   seed): targets it saved and lost against the undefended run, and the exact McNemar p-value.
 - **Baselines** drop the lowest-confidence / highest-loss / random rows at EPIC-0.2's per-class counts
   in the same rounds. **clean-control** trains without the poisons: how often the target lands in the
-  poison class anyway. Each cell's first sentence pairs it with `none`: the targets the poisons turned
-  bound what any defense can save there, and with 5 or fewer, saving all of them is not significant.
+  poison class anyway. Each cell's first sentence pairs it with `none`: the targets the poisons turned are
+  about all a defense can save there, and with 5 or fewer, saving all of them is not significant.
 - **Poisons dropped / clean rows dropped**: means over trials; the share of the clean rows.
 - The attacker has its own seed (the trial's plus 1,000,000) unless the cell says otherwise: targets,
   poison rows and the attack's own models are drawn independently of the victim's training.
