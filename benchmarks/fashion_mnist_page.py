@@ -284,10 +284,13 @@ def attack_strength(none: Mapping[str, Any], control: Mapping[str, Any]) -> str:
     training without poisons). A defense can only be shown to work where this difference is."""
     name = _name(none["attack"])
     if not control["vs_none_paired"]:  # backdoor: triggered images pooled over trials
-        return (
+        text = (
             f"Undefended, {_pct(none['attack_success_rate'])} of the triggered images went to the poison class "
             f"under {name}, against {_pct(control['attack_success_rate'])} with no poisons (clean control)."
         )
+        if none["attack_success_rate"] <= control["attack_success_rate"]:
+            text += " The poisons did not raise it: no defense's effect can show here."
+        return text
     turned = control["vs_none_saved"]
     text = (
         f"Undefended, {name} succeeded on {none['asr_successes']} of {none['asr_evaluated']} targets, against "

@@ -102,6 +102,12 @@ def test_the_attack_sentence_says_when_the_poisons_turned_too_few_targets_for_a_
         backdoor.startswith("Undefended, 97.8 % of the triggered images")
         and "2.1 % with no poisons" in backdoor
     )
+    assert "did not raise it" not in backdoor
+    failed = page.attack_strength(
+        {"attack": "sleeper_agent", "attack_success_rate": 0.017},
+        {"vs_none_paired": 0, "attack_success_rate": 0.018},
+    )
+    assert failed.endswith("The poisons did not raise it: no defense's effect can show here.")
 
 
 @pytest.mark.parametrize("name", list(_page_module().CELLS))
