@@ -36,6 +36,7 @@ from hf_epic.experiments import BenchmarkArguments, BenchmarkConfig, run_benchma
 from hf_epic.experiments.args import parse_trials
 from hf_epic.experiments.benchmark import RESULTS_FILE, ResultStore
 from hf_epic.experiments.report import summarize
+from hf_epic.significance import mcnemar_exact
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_DEFENSES = "none epic-0.1 epic-0.2 epic-0.3 random high-loss low-confidence clean-control"
@@ -298,7 +299,7 @@ def attack_strength(none: Mapping[str, Any], control: Mapping[str, Any]) -> str:
         f"(clean control): the poisons turned {_targets(turned)}, and {control['vs_none_lost']} went the "
         f"other way (McNemar p = {control['vs_none_p']:.2f})."
     )
-    best = min(1.0, 2.0 * 0.5**turned)  # exact McNemar p of `turned` saved and none lost
+    best = mcnemar_exact(turned, 0)  # the p of a defense that saved every turned target and lost none
     if turned == 0:
         text += " No defense's effect can show here."
     elif best >= 0.05:

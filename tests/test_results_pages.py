@@ -90,7 +90,7 @@ def test_the_attack_sentence_says_when_the_poisons_turned_too_few_targets_for_a_
     assert "the poisons turned 5 targets, and 0 went the other way (McNemar p = 0.06)" in text
     assert "saving all 5 with none lost would give p = 0.06." in text
     strong = {**control, "asr_successes": 1, "vs_none_saved": 6, "vs_none_p": 0.03125}
-    assert "Too few" not in page.attack_strength({**none, "asr_successes": 7}, strong)
+    assert "Too few" not in page.attack_strength(none, strong)
     assert "saving it with none lost would give p = 1.00" in page.attack_strength(
         none, {**control, "vs_none_saved": 1}
     )
