@@ -310,6 +310,71 @@ def test_tiled_path_equals_dense_path(metric, greedy):
     assert torch.equal(dense.assignment, tiled.assignment)
 
 
+@pytest.mark.parametrize("metric", ALL_KERNELS)
+def test_blocked_threaded_tiled_path_equals_naive_greedy(metric, monkeypatch):
+    # small blocks and a zero threading threshold: many blocks per pass (diagonal blocks, partial
+    # edge blocks, rows sorted by pruning threshold, duplicates whose s(i, i) is set to 1), split
+    # between two threads, must give naive greedy's medoids on the dense kernel
+    from hf_epic import selection
+
+    monkeypatch.setattr(selection, "_BLOCK_ROWS", 16)
+    monkeypatch.setattr(selection, "_BLOCK_COLS", 48)
+    monkeypatch.setattr(selection, "_THREADED_PAIRS", 1)
+    # one class of D = 10 gradient embeddings with exact duplicates (ties, zero distances)
+    emb, _ = _gradient_like(330, 10, 17)
+    emb = torch.cat([emb, emb[:40]])
+    # a thin strip (nearly collinear rows): the triangle-inequality bounds are nearly tight, so
+    # a block pruned by any threshold but its smallest loses pairs that count
+    strip = torch.rand(400, 2, generator=torch.Generator().manual_seed(3)) * torch.tensor([8.0, 0.05])
+    before = torch.get_num_threads()
+    try:
+        for x in (emb, strip):
+            labels = torch.zeros(len(x), dtype=torch.long)
+            naive = find_isolated(x, labels, 0.15, metric=metric, greedy="naive")
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                tiled = find_isolated(x, labels, 0.15, metric=metric, memory_budget_mb=0.05)
+                assert torch.equal(tiled.medoids, naive.medoids), threads
+                assert torch.equal(tiled.assignment, naive.assignment), threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_blocked_passes_equal_the_dense_kernel_sums(monkeypatch):
+    # the symmetric column sums and the pruned update sums against the same sums on the dense kernel,
+    # on gradient embeddings (every similarity >= 0.5) and on the thin strip (thresholds nearly tight)
+    from hf_epic import selection
+
+    monkeypatch.setattr(selection, "_BLOCK_ROWS", 16)
+    monkeypatch.setattr(selection, "_BLOCK_COLS", 32)
+    monkeypatch.setattr(selection, "_THREADED_PAIRS", 1)
+    strip = torch.rand(200, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    strip *= torch.tensor([8.0, 0.05], dtype=torch.float64)
+    for x, upper_half in ((_gradient_like(200, 10, 23)[0].to(torch.float64), True), (strip, False)):
+        dense = selection._Kernel(x, "euclidean", 1 << 30)
+        tiled = selection._Kernel(x, "euclidean", 1 << 10, threads=2)
+        assert dense.matrix is not None and tiled.blocked()
+        assert tiled.needs_rounding is not upper_half
+        s = dense.matrix
+        upper = s[:, 5].clone()
+        lower = s[:, 150].clone()
+        assert torch.equal(tiled.column_sums(), s.sum(dim=0, dtype=torch.float64))
+        want = torch.minimum(s, upper[:, None]).sum(0, dtype=torch.float64)
+        assert torch.equal(tiled.column_sums(upper=upper), want)
+        want = torch.maximum(s, lower[:, None]).sum(0, dtype=torch.float64)
+        assert torch.equal(tiled.column_sums(lower=lower), want)
+        # rows whose best similarity rises from old to new = s(i, 7), with and without pruning
+        rows = torch.arange(0, 200, 3)
+        old = torch.minimum(lower[rows], s[rows, 7])
+        new = s[rows, 7]
+        span = new - old
+        assert bool((span > 0).any())
+        want = torch.minimum((s[rows] - old[:, None]).clamp_min(0), span[:, None]).sum(0, dtype=torch.float64)
+        assert torch.equal(tiled.update_sums(rows, old, span, None, s[7]), want)
+        thr = tiled.sim.pair_threshold(old, new, tiled.dim) * (1.0 - selection._PRUNE_MARGIN)
+        assert torch.equal(tiled.update_sums(rows, old, span, thr, s[7]), want)
+
+
 def test_threshold_controls_dropping():
     x = _clustered(n_per_cluster=2, clusters=10, dim=4, isolated=3, seed=3)
     labels = torch.zeros(len(x), dtype=torch.long)
