@@ -84,10 +84,10 @@ symmetric: upper-triangular tiles are computed and mirrored) only if it fits
   cache-sized blocks (256 x 1,024) in reused buffers; the first gains and the first medoid's
   update (the two passes over every pair) compute only the blocks on and above the diagonal
   and use each similarity for both of its columns; a later update sorts the rows it changes by
-  their pruning threshold and computes each block of 256 of them against its own prefix of the
+  their pruning threshold and computes each block of 64 of them against its own prefix of the
   candidates; and these passes are shared by the CPU threads torch is configured for
   (:func:`_in_threads`). A class of 20,000 rows takes about 4 s on two CPU cores, one of 200,000
-  about four minutes;
+  about three and a half minutes;
 * stochastic greedy, a distance-based kernel, on the CPU, classes of at least 12,000 rows: the rows
   are grouped into small cells and every gain or update touches only the cells that can
   contribute (:mod:`hf_epic.cells`), with the dense path's results for the same seed; a class
@@ -167,6 +167,13 @@ _HEAVY_STEP = 1 << 19
 # those of 256 x 512 blocks with two threads, 0.87x with one.
 _BLOCK_ROWS = 256
 _BLOCK_COLS = 1024
+# Blocks of an update (:meth:`_Kernel.update_sums`): as many similarities as a work block in fewer
+# rows, since each block of rows is computed against the candidates its lowest threshold admits.
+# Measured on a 20,000-row class, steps 2-1,000: blocks of 256 rows compute 1.2 n^2 similarities,
+# of 64 rows 0.84 n^2 (0.66 n^2 row by row); a 50,000-row class takes 11 % less time with 64 x 4,096
+# blocks than with 256 x 1,024 (two threads), and about the same with 32 x 8,192.
+_UPDATE_ROWS = 64
+_UPDATE_COLS = 4096
 # a tiled pass over at least this many similarities is split among the kernel's threads
 _THREADED_PAIRS = 1 << 24
 
@@ -569,13 +576,13 @@ class _Kernel:
         m = int(rows.numel())
         if threshold is None:
             order = None
-            widths = [n] * ((m + _BLOCK_ROWS - 1) // _BLOCK_ROWS)
+            widths = [n] * ((m + _UPDATE_ROWS - 1) // _UPDATE_ROWS)
         else:
             above = (col > threshold.min()).nonzero().squeeze(1)
             order = above[torch.argsort(col.index_select(0, above), descending=True, stable=True)]
             by_thr = torch.argsort(threshold, descending=True)
             rows, old, span, threshold = rows[by_thr], old[by_thr], span[by_thr], threshold[by_thr]
-            lows = threshold[[min(m, r0 + _BLOCK_ROWS) - 1 for r0 in range(0, m, _BLOCK_ROWS)]]
+            lows = threshold[[min(m, r0 + _UPDATE_ROWS) - 1 for r0 in range(0, m, _UPDATE_ROWS)]]
             # candidates with s(c, j) > low: a prefix of the descending order
             widths = torch.searchsorted(-col.index_select(0, order), -lows.to(col.dtype)).tolist()
         width = max(widths) if widths else 0
@@ -595,17 +602,17 @@ class _Kernel:
             own = position.index_select(0, rows)
 
         def work(block: int, total: torch.Tensor) -> None:
-            r0 = block * _BLOCK_ROWS
-            r1 = min(m, r0 + _BLOCK_ROWS)
+            r0 = block * _UPDATE_ROWS
+            r1 = min(m, r0 + _UPDATE_ROWS)
             w = widths[block]
             fixes: dict[int, list[tuple[int, int]]] = {}
             for r, c in enumerate(own[r0:r1].tolist()):
                 if c < w:
-                    fixes.setdefault(c // _BLOCK_COLS, []).append((r, c % _BLOCK_COLS))
+                    fixes.setdefault(c // _UPDATE_COLS, []).append((r, c % _UPDATE_COLS))
             lo = old[r0:r1, None]
             hi = span[r0:r1, None]
-            for c0 in range(0, w, _BLOCK_COLS):
-                c1 = min(w, c0 + _BLOCK_COLS)
+            for c0 in range(0, w, _UPDATE_COLS):
+                c1 = min(w, c0 + _UPDATE_COLS)
                 sqc = None if sqb is None else sqb[c0:c1]
                 shape = (r1 - r0, c1 - c0)
                 tile = self.sim.tile(
@@ -619,7 +626,7 @@ class _Kernel:
                 )
                 if self.needs_rounding:
                     tile.mul_(_QUANTUM).round_().div_(_QUANTUM)
-                fix = fixes.get(c0 // _BLOCK_COLS)
+                fix = fixes.get(c0 // _UPDATE_COLS)
                 if fix is not None:
                     rr, cc = zip(*fix)
                     tile[list(rr), list(cc)] = 1.0
@@ -763,7 +770,7 @@ def _update_gains(
     For the euclidean kernel a row only changes candidates with ``s(i, c) > old_i``, and
     those have ``s(c, j) > old_i * new_i`` (triangle inequality, ``col = s(., j)``): each row
     touches a prefix of the candidates sorted by ``s(c, j)``. Rows are grouped by that prefix
-    length and each group is processed against its longest prefix only: in blocks of 256 rows
+    length and each group is processed against its longest prefix only: in blocks of 64 rows
     without a dense kernel on the CPU (:meth:`_Kernel.update_sums`), in four groups otherwise.
 
     Args:
@@ -991,7 +998,7 @@ def _select_class(
     if greedy != "stochastic" and kernel.matrix is None and cpu and n >= _SLOW_EXACT_ROWS:
         logger.warning(
             "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
-            "O(n^2) similarities on the CPU, which takes minutes (about four at 200,000 rows on two "
+            "O(n^2) similarities on the CPU, which takes minutes (three and a half at 200,000 rows on two "
             "cores). greedy='stochastic' takes about a minute at that size; a GPU or a larger "
             "memory_budget_mb also helps.",
             n,

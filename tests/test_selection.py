@@ -319,6 +319,8 @@ def test_blocked_threaded_tiled_path_equals_naive_greedy(metric, monkeypatch):
 
     monkeypatch.setattr(selection, "_BLOCK_ROWS", 16)
     monkeypatch.setattr(selection, "_BLOCK_COLS", 48)
+    monkeypatch.setattr(selection, "_UPDATE_ROWS", 8)
+    monkeypatch.setattr(selection, "_UPDATE_COLS", 40)
     monkeypatch.setattr(selection, "_THREADED_PAIRS", 1)
     # one class of D = 10 gradient embeddings with exact duplicates (ties, zero distances)
     emb, _ = _gradient_like(330, 10, 17)
@@ -347,6 +349,8 @@ def test_blocked_passes_equal_the_dense_kernel_sums(monkeypatch):
 
     monkeypatch.setattr(selection, "_BLOCK_ROWS", 16)
     monkeypatch.setattr(selection, "_BLOCK_COLS", 32)
+    monkeypatch.setattr(selection, "_UPDATE_ROWS", 8)
+    monkeypatch.setattr(selection, "_UPDATE_COLS", 24)
     monkeypatch.setattr(selection, "_THREADED_PAIRS", 1)
     strip = torch.rand(200, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     strip *= torch.tensor([8.0, 0.05], dtype=torch.float64)
