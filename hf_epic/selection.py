@@ -430,6 +430,20 @@ class _Kernel:
         xbt = self.xt if cols is None else self.xt[:, cols]
         sqa = None if self.sq is None else self.sq[rows]
         sqb = self.sq if self.sq is None or cols is None else self.sq[cols]
+        return self._similarities(xa, xbt, sqa, sqb, out, work, scratch)
+
+    def _similarities(
+        self,
+        xa: torch.Tensor,
+        xbt: torch.Tensor,
+        sqa: torch.Tensor | None,
+        sqb: torch.Tensor | None,
+        out: torch.Tensor | None = None,
+        work: torch.Tensor | None = None,
+        scratch: bool = False,
+    ) -> torch.Tensor:
+        """Similarities of prepared rows ``xa`` and columns ``xbt`` (float32, quantised); the
+        buffers as in :meth:`_tile`."""
         if scratch:
             shape = (int(xa.shape[0]), int(xbt.shape[1]))
             out, work = _scratch(0, shape, torch.float32), _scratch(1, shape, self.x.dtype)
@@ -554,8 +568,7 @@ class _Kernel:
                     hi_c = None if upper is None else upper[None, c0 + off : c1]
                     total[r0:r1] += clamped(tile[:, off:], lo_c, hi_c).sum(dim=1, dtype=torch.float64)
 
-        threads = self.threads if n * n // 2 >= _THREADED_PAIRS else 1
-        return _in_threads(threads, list(range(0, n, _BLOCK_ROWS)), work, n)
+        return _in_threads(self.threads, list(range(0, n, _BLOCK_ROWS)), work, n, pairs=n * n // 2)
 
     def update_sums(
         self,
@@ -613,19 +626,13 @@ class _Kernel:
             hi = span[r0:r1, None]
             for c0 in range(0, w, _UPDATE_COLS):
                 c1 = min(w, c0 + _UPDATE_COLS)
-                sqc = None if sqb is None else sqb[c0:c1]
-                shape = (r1 - r0, c1 - c0)
-                tile = self.sim.tile(
+                tile = self._similarities(
                     xa[r0:r1],
                     xbt[:, c0:c1],
                     None if sqa is None else sqa[r0:r1],
-                    sqc,
-                    self.dim,
-                    out=_scratch(0, shape, torch.float32),
-                    work=_scratch(1, shape, self.x.dtype),
+                    None if sqb is None else sqb[c0:c1],
+                    scratch=True,
                 )
-                if self.needs_rounding:
-                    tile.mul_(_QUANTUM).round_().div_(_QUANTUM)
                 fix = fixes.get(c0 // _UPDATE_COLS)
                 if fix is not None:
                     rr, cc = zip(*fix)
@@ -634,8 +641,9 @@ class _Kernel:
                 torch.minimum(tile, hi, out=tile)
                 total[c0:c1] += tile.sum(dim=0, dtype=torch.float64)
 
-        threads = self.threads if m * width >= _THREADED_PAIRS else 1
-        part = _in_threads(threads, [b for b, w in enumerate(widths) if w > 0], work, width)
+        part = _in_threads(
+            self.threads, [b for b, w in enumerate(widths) if w > 0], work, width, pairs=m * width
+        )
         if order is None:
             return part
         return torch.zeros(n, dtype=torch.float64).index_copy_(0, cols, part)
@@ -663,16 +671,19 @@ def _scratch(slot: int, shape: tuple[int, int], dtype: torch.dtype) -> torch.Ten
 
 
 def _in_threads(
-    threads: int, items: list[int], work: Callable[[int, torch.Tensor], None], size: int
+    threads: int, items: list[int], work: Callable[[int, torch.Tensor], None], size: int, pairs: int
 ) -> torch.Tensor:
     """Runs ``work(item, total)`` for every item on ``threads`` threads, in order of ``items``.
+
+    A pass over fewer than ``_THREADED_PAIRS`` similarities (``pairs``) runs on the calling
+    thread alone: starting threads would cost more than they save.
 
     Each thread adds into its own float64 ``total`` of length ``size`` (zeros at first); the
     sum of them is returned. The items are taken from a shared queue, so a thread that finishes
     early takes the next one. Sums of multiples of ``2**-24`` below ``2**29`` are exact in
     float64, so the result does not depend on which thread did which item.
     """
-    if threads <= 1 or len(items) < 2:
+    if threads <= 1 or len(items) < 2 or pairs < _THREADED_PAIRS:
         total = torch.zeros(size, dtype=torch.float64)
         for item in items:
             work(item, total)
@@ -787,15 +798,14 @@ def _update_gains(
     m = int(rows.numel())
     span = new - old  # exact: multiples of 2**-24 in [0, 1]
     sim = kernel.sim
+    thr = None
+    if isinstance(sim, DistanceKernel):
+        thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
     if kernel.blocked():
-        thr = None
-        if isinstance(sim, DistanceKernel):
-            thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
         gains -= kernel.update_sums(rows, old, span, thr, col)
         return
     pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
-    if isinstance(sim, DistanceKernel) and m * n > _SMALL_BLOCK:
-        thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
+    if thr is not None and m * n > _SMALL_BLOCK:
         groups = 4 if m * n > 8 * _SMALL_BLOCK and m >= 16 else 1
         if groups > 1:
             thr, by_thr = torch.sort(thr, descending=True)
