@@ -379,6 +379,37 @@ def test_blocked_passes_equal_the_dense_kernel_sums(monkeypatch):
         assert torch.equal(tiled.update_sums(rows, old, span, thr, s[7]), want)
 
 
+def test_float32_runs_of_an_update_are_exact():
+    # a dense kernel's update sums its changed rows in float32 runs whose spans (new - old) sum
+    # below 1: the runs must tile the rows and the sums equal float64 sums bit for bit
+    from hf_epic import selection
+
+    g = torch.Generator().manual_seed(8)
+    span = torch.round(torch.rand(500, generator=g) * 0.3 * 2**24) / 2**24
+    for stop, max_rows in ((500, 1000), (301, 9), (0, 4)):
+        runs = selection._exact_runs(span[:stop], max_rows)
+        assert [a for a, _ in runs] == [0, *[b for _, b in runs[:-1]]][: len(runs)]
+        assert (runs[-1][1] == stop) if stop else runs == []
+        for a, b in runs:
+            assert b - a <= max_rows
+            assert b - a == 1 or float(span[a:b].double().sum()) < 1.0
+    assert len(selection._exact_runs(span, 1000)) > 20  # the spans sum to ~75: many runs
+
+    x = _gradient_like(200, 10, 29)[0].to(torch.float64)
+    dense = selection._Kernel(x, "euclidean", 1 << 30)
+    s = dense.matrix
+    assert s is not None
+    rows = torch.arange(0, 200, 2)
+    new = s[rows, 11]
+    old = new - torch.round(torch.rand(100, generator=g) * 0.4 * new * 2**24) / 2**24
+    span = new - old
+    assert float(span.double().sum()) > 5.0  # several runs
+    want = torch.minimum((s[rows] - old[:, None]).clamp_min(0), span[:, None]).sum(0, dtype=torch.float64)
+    gains = torch.zeros(200, dtype=torch.float64)
+    selection._update_gains(dense, gains, rows, old, new, s[11])
+    assert torch.equal(gains, -want)
+
+
 def test_threshold_controls_dropping():
     x = _clustered(n_per_cluster=2, clusters=10, dim=4, isolated=3, seed=3)
     labels = torch.zeros(len(x), dtype=torch.long)
