@@ -377,6 +377,48 @@ def test_blocked_passes_equal_the_dense_kernel_sums(monkeypatch):
         assert torch.equal(tiled.update_sums(rows, old, span, None, s[7]), want)
         thr = tiled.sim.pair_threshold(old, new, tiled.dim) * (1.0 - selection._PRUNE_MARGIN)
         assert torch.equal(tiled.update_sums(rows, old, span, thr, s[7]), want)
+        # several sums in one pass over the blocks: each equals its own pass
+        both = tiled.symmetric_sums([(None, None), (lower, upper), (None, upper)])
+        assert both.shape == (3, 200)
+        assert torch.equal(both[0], tiled.column_sums())
+        assert torch.equal(both[1], tiled.column_sums(lower=lower, upper=upper))
+        assert torch.equal(both[2], tiled.column_sums(upper=upper))
+
+
+def test_one_pass_for_the_first_gains_and_the_first_update(monkeypatch):
+    # exact greedy on a tiled kernel computes the first gains and the update of a guessed first
+    # medoid in one pass over the blocks; a wrong guess costs a second pass, never another result
+    from hf_epic import selection
+
+    x, _ = _gradient_like(2000, 10, 37)
+    kernel = selection._Kernel(x, "euclidean", 1 << 20)
+    assert kernel.blocked()
+    first = int(torch.argmax(kernel.column_sums()))
+    # the guess from samples much smaller than the class finds it
+    monkeypatch.setattr(selection, "_GUESS_SAMPLE", 64)
+    monkeypatch.setattr(selection, "_GUESS_SHORTLIST", 128)
+    monkeypatch.setattr(selection, "_GUESS_FINAL", 8)
+    assert kernel.likely_first_medoid() == first
+
+    x, labels = x[:400], torch.zeros(400, dtype=torch.long)
+    naive = find_isolated(x, labels, 0.2, greedy="naive")
+    first = int(naive.medoids[0])
+    passes: list[int] = []
+    sweep = selection._Kernel.symmetric_sums
+
+    def counted(self, clamps):
+        passes.append(len(clamps))
+        return sweep(self, clamps)
+
+    monkeypatch.setattr(selection._Kernel, "symmetric_sums", counted)
+    for guess, want in ((None, [2]), ((first + 1) % 400, [2, 1])):
+        if guess is not None:
+            monkeypatch.setattr(selection._Kernel, "likely_first_medoid", lambda self, g=guess: g)
+        passes.clear()
+        tiled = find_isolated(x, labels, 0.2, memory_budget_mb=0.05)
+        assert passes == want
+        assert torch.equal(tiled.medoids, naive.medoids)
+        assert torch.equal(tiled.assignment, naive.assignment)
 
 
 def test_float32_runs_of_an_update_are_exact():
