@@ -404,6 +404,7 @@ class _Kernel:
         self.threads = max(1, int(threads)) if x.device.type == "cpu" else 1
         self.matrix: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None  # plain column sums, when known
+        self._position: torch.Tensor | None = None  # update_sums' work buffer
         if self.dense:
             self.matrix = self._build_dense(workspace)
         elif self.blocked():  # buffers of column(): one similarity column per greedy step
@@ -664,6 +665,7 @@ class _Kernel:
         span: torch.Tensor,
         threshold: torch.Tensor | None,
         col: torch.Tensor,
+        subtract_from: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``sum_i min(max(0, s(i, c) - old_i), span_i)`` over ``rows`` for every column ``c`` (float64).
 
@@ -671,6 +673,9 @@ class _Kernel:
         count 0; ``threshold=None`` computes every pair. Rows are sorted by threshold and
         processed in blocks, each against the candidates above its smallest threshold: a prefix
         of the candidates sorted by ``s(c, j)``. Blocks are cache-sized (:meth:`blocked`).
+
+        With ``subtract_from`` (float64, length n), the sums are subtracted from it in place
+        (touching only the candidates computed) and it is returned.
         """
         n = self.n
         m = int(rows.numel())
@@ -687,7 +692,7 @@ class _Kernel:
             widths = torch.searchsorted(-col.index_select(0, order), -lows.to(col.dtype)).tolist()
         width = max(widths) if widths else 0
         if width == 0:
-            return torch.zeros(n, dtype=torch.float64)
+            return torch.zeros(n, dtype=torch.float64) if subtract_from is None else subtract_from
         cols = None if order is None else order[:width]
         xa = self.x.index_select(0, rows)
         sqa = None if self.sq is None else self.sq.index_select(0, rows)
@@ -696,10 +701,12 @@ class _Kernel:
         # each row's own position among the candidates: s(i, i) = 1 exactly there
         if order is None:
             own = rows
-        else:
-            position = torch.full((n,), n, dtype=torch.int64)
-            position[order] = torch.arange(int(order.numel()))
-            own = position.index_select(0, rows)
+        else:  # position of every candidate in the order (n elsewhere), reset after use
+            if self._position is None:
+                self._position = torch.full((n,), n, dtype=torch.int64)
+            self._position.index_copy_(0, order, torch.arange(int(order.numel())))
+            own = self._position.index_select(0, rows)
+            self._position.index_fill_(0, order, n)
 
         def work(block: int, total: torch.Tensor) -> None:
             r0 = block * _UPDATE_ROWS
@@ -737,7 +744,11 @@ class _Kernel:
         block_old.index_add_(0, torch.arange(m) // _UPDATE_ROWS, old.to(torch.float64))
         at_width = torch.zeros(width + 1, dtype=torch.float64).index_add_(0, torch.tensor(widths), block_old)
         part -= at_width.flip(0).cumsum(0).flip(0)[1:]
-        if order is None:
+        if subtract_from is not None:
+            if cols is None:
+                return subtract_from.sub_(part)
+            return subtract_from.index_add_(0, cols, part, alpha=-1.0)
+        if cols is None:
             return part
         return torch.zeros(n, dtype=torch.float64).index_copy_(0, cols, part)
 
@@ -925,7 +936,7 @@ def _update_gains(
     if isinstance(sim, DistanceKernel):
         thr = sim.pair_threshold(old, new, kernel.dim) * (1.0 - _PRUNE_MARGIN)
     if kernel.blocked():
-        gains -= kernel.update_sums(rows, old, span, thr, col)
+        kernel.update_sums(rows, old, span, thr, col, subtract_from=gains)
         return
     pieces: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)]
     if thr is not None and m * n > _SMALL_BLOCK:

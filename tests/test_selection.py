@@ -377,6 +377,9 @@ def test_blocked_passes_equal_the_dense_kernel_sums(monkeypatch):
         assert torch.equal(tiled.update_sums(rows, old, span, None, s[7]), want)
         thr = tiled.sim.pair_threshold(old, new, tiled.dim) * (1.0 - selection._PRUNE_MARGIN)
         assert torch.equal(tiled.update_sums(rows, old, span, thr, s[7]), want)
+        gains = torch.ones(200, dtype=torch.float64)
+        assert tiled.update_sums(rows, old, span, thr, s[7], subtract_from=gains) is gains
+        assert torch.equal(gains, 1.0 - want)
         # several sums in one pass over the blocks: each equals its own pass
         both = tiled.symmetric_sums([(None, None), (lower, upper), (None, upper)])
         assert both.shape == (3, 200)
