@@ -185,9 +185,9 @@ _THREADED_PAIRS = 1 << 24
 # gain changes: every partial sum is a multiple of 2**-24 below 1 (:func:`_exact_runs`).
 _FLOAT32_EXACT_SPAN = 0.999
 # The first medoid's guess (:meth:`_Kernel.likely_first_medoid`): candidates ranked over this many
-# evenly spaced rows, the best this many ranked again over 16 times as many, and the exact column
-# sums of the best this many. Measured on a 200,000-row class: the first medoid ranked 76th over
-# 512 rows, 6th over 2,048, 1st over 8,192.
+# evenly spaced rows, the best this many ranked again over 16 times as many, and the sums over
+# every row of the best this many. Measured on the 200,000-row class of benchmarks/bench_selection.py:
+# the first medoid ranked 76th over 512 rows, 6th over 2,048, 1st over 8,192; the guess finds it.
 _GUESS_SAMPLE = 1024
 _GUESS_SHORTLIST = 4096
 _GUESS_FINAL = 64
@@ -558,7 +558,8 @@ class _Kernel:
         self, clamps: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
     ) -> torch.Tensor:
         """:meth:`column_sums` over every row for each ``(lower, upper)`` of ``clamps`` (one row of
-        the result each), from the blocks on and above the diagonal only, in one sweep.
+        the result each), from the blocks on and above the diagonal only, in one sweep (a
+        :meth:`blocked` kernel).
 
         Block ``(I, C)`` right of the diagonal gives each column ``c`` its rows ``i`` (clamped by
         the rows' bounds) and, mirrored, each column ``i`` its rows ``c`` (clamped by theirs), so
@@ -622,8 +623,8 @@ class _Kernel:
 
         Every candidate is ranked by its sum over an evenly spaced sample of ``_GUESS_SAMPLE``
         rows, the best ``_GUESS_SHORTLIST`` are ranked again over a sample 16 times larger, and
-        the exact sums of the best ``_GUESS_FINAL`` decide (ties to the lowest row). Only a guess:
-        :func:`_greedy_incremental` checks it against the exact first gains.
+        the sums over every row of the best ``_GUESS_FINAL`` decide (ties to the lowest row). Only
+        a guess: :func:`_greedy_incremental` checks it against the exact first gains.
         """
         n = self.n
 
