@@ -930,7 +930,8 @@ def _update_gains(
         new: Their new best similarity ``s(i, j)``.
         col: ``s(., j)`` for the new medoid ``j``.
 
-    Rows are summed in runs whose float32 column sums are exact (:func:`_exact_runs`).
+    With a dense kernel, rows are summed in runs whose float32 column sums are exact
+    (:func:`_exact_runs`); the blocks of :meth:`_Kernel.update_sums` sum in float64.
     """
     n = kernel.n
     m = int(rows.numel())
