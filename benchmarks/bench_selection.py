@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "--large-greedy",
         default="stochastic",
         choices=("stochastic", "lazy"),
-        help="optimiser for the large case (exact greedy: about 3 minutes at 200,000 rows on two CPU cores)",
+        help="optimiser for the large case (exact greedy: under 2 minutes at 200,000 rows on two CPU cores)",
     )
     parser.add_argument(
         "--million-rows", type=int, default=1_000_000, help="rows of the one class of the 'million' case"

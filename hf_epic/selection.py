@@ -84,15 +84,19 @@ symmetric: upper-triangular tiles are computed and mirrored) only if it fits
 * exact greedy (and cosine, and a GPU): the rows and blocks the greedy needs are recomputed
   from the embeddings, ``O(n_c^2)`` kernel evaluations per pass. On the CPU they run in
   cache-sized blocks (256 x 1,024) in reused buffers; a pass over every pair computes only the
-  blocks on and above the diagonal, uses each similarity for both of its columns, and sums a
-  float64 copy of each block by matrix-vector products; exact greedy's first pass computes both
-  the first gains and the first medoid's update, for a first medoid guessed from samples of the
-  rows (:meth:`_Kernel.likely_first_medoid`; checked against the exact first gains, and a wrong
-  guess costs a second pass, never another result); a later update sorts the rows it changes by
-  their pruning threshold and computes each block of 64 of them against its own prefix of the
-  candidates; and these passes are shared by the CPU threads torch is configured for
-  (:func:`_in_threads`). A class of 20,000 rows takes about 4 s on two CPU cores, one of 200,000
-  a little over three minutes;
+  blocks on and above the diagonal and uses each similarity for both of its columns; exact
+  greedy's first pass computes both the first gains and the first medoid's update, for a first
+  medoid guessed from samples of the rows (:meth:`_Kernel.likely_first_medoid`; checked against
+  the exact first gains, and a wrong guess costs a second pass, never another result); a later
+  update sorts the rows it changes by their pruning threshold and computes each block of 64 of
+  them against its own prefix of the candidates; and these passes, and each step's column, are
+  shared by the CPU threads torch is configured for (:func:`_in_threads`). For the euclidean
+  kernel with ``D <= 64`` the blocks, columns and sums are fused C kernels
+  (:mod:`hf_epic.native`: a similarity is computed and added to its sums in registers), which
+  compute the torch kernels' similarities bit for bit; without a C compiler the blocks are
+  torch calls (float64 distances, similarities, a float64 copy summed by matrix-vector
+  products), about 2x slower. A class of 20,000 rows takes about 2.3 s on two CPU cores, one of
+  200,000 under two minutes;
 * stochastic greedy, a distance-based kernel, on the CPU, classes of at least 12,000 rows: the rows
   are grouped into small cells and every gain or update touches only the cells that can
   contribute (:mod:`hf_epic.cells`), with the dense path's results for the same seed; a class
@@ -101,7 +105,8 @@ symmetric: upper-triangular tiles are computed and mirrored) only if it fits
 
 Both are exact up to the last bit of the recomputed similarities (differently shaped matrix
 products may round differently; with float64 distances, ``D <= 64``, they agree bit for bit in
-practice). Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
+practice, and the euclidean kernel is rounded to float32 once, from float64, which the C kernels
+reproduce). Distances are computed in float64 for ``D <= 64`` (``||a||^2 + ||b||^2 - 2 a.b`` on
 class-centred data) and in float32 above. On the CPU the work runs on one intra-op thread
 (torch's thread pool costs more than it gains on the many small operations, and spins
 badly on a loaded machine); instead, when torch is configured for several threads, classes
@@ -115,6 +120,7 @@ of rows; sums of similarities are exact in float64, so the result does not depen
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -181,6 +187,8 @@ _UPDATE_ROWS = 64
 _UPDATE_COLS = 4096
 # a tiled pass over at least this many similarities is split among the kernel's threads
 _THREADED_PAIRS = 1 << 24
+# a greedy step's column (C kernels) of a class of at least this many rows is split among them
+_THREADED_COLUMN = 1 << 16
 # Changed rows whose spans (new - old) sum below this have exact float32 column sums of their
 # gain changes: every partial sum is a multiple of 2**-24 below 1 (:func:`_exact_runs`).
 _FLOAT32_EXACT_SPAN = 0.999
@@ -402,9 +410,13 @@ class _Kernel:
             self.n, budget_bytes, x.device.type == "cuda", self.work_dtype == torch.float32, concurrent
         )
         self.threads = max(1, int(threads)) if x.device.type == "cpu" else 1
+        # fused C kernels of the same similarity (hf_epic.native), for the CPU's large passes
+        cpu64 = x.device.type == "cpu" and self.work_dtype == torch.float64
+        self.native = self.sim.native(self.dim) if cpu64 else None
         self.matrix: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None  # plain column sums, when known
         self._position: torch.Tensor | None = None  # update_sums' work buffer
+        self._changed: torch.Tensor | None = None  # column_changes' work buffer
         if self.dense:
             self.matrix = self._build_dense(workspace)
         elif self.blocked():  # buffers of column(): one similarity column per greedy step
@@ -486,6 +498,8 @@ class _Kernel:
         """
         if self.matrix is not None:
             return self.matrix[j]  # symmetric
+        if self.native is not None and self.blocked():
+            return self.column_changes(j, None)[0]
         cols = torch.tensor([j], device=self.device)
         if self.blocked():
             out = self._tile(slice(None), cols, out=self._column[0], work=self._column[1])[:, 0]
@@ -493,6 +507,32 @@ class _Kernel:
             out = self._tile(slice(None), cols)[:, 0]
         out[j] = 1.0
         return out
+
+    def column_changes(self, j: int, cur: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`column` ``j`` and, with ``cur``, the rows whose similarity to ``j`` exceeds it
+        (ascending, int64), from the C kernels (a :meth:`blocked` kernel with :attr:`native`), the
+        rows of a large class split among the threads."""
+        assert self.native is not None and self.sq is not None
+        lib, n = self.native, self.n
+        out = self._column[0].view(n)
+        if self._changed is None:
+            self._changed = torch.empty(n, dtype=torch.int64)
+        changed = self._changed
+        parts = self.threads if n >= _THREADED_COLUMN else 1
+        bounds = [n * p // parts for p in range(parts + 1)]
+
+        def part(p: int) -> int:
+            r0, r1 = bounds[p], bounds[p + 1]
+            return lib.column(
+                self.x, self.xt, self.sq, j, r0, r1, self.needs_rounding, cur, out, changed[r0:]
+            )
+
+        counts = _on_pool(parts, part)
+        if cur is None:
+            return out, None
+        if parts == 1:
+            return out, changed[: counts[0]]
+        return out, torch.cat([changed[bounds[p] : bounds[p] + counts[p]] for p in range(parts)])
 
     def block(self, rows: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
         """s(rows, cols) (float32); ``cols=None`` means all columns."""
@@ -568,6 +608,21 @@ class _Kernel:
         """
         n = self.n
         count = len(clamps)
+        mode = self._native_mode(clamps)
+        if mode is not None:
+            assert self.native is not None and self.sq is not None
+            lib, x, xt, sq, q = self.native, self.x, self.xt, self.sq, self.needs_rounding
+            clamp = [(lo, hi) for lo, hi in clamps if lo is not None or hi is not None]
+            lo = hi = None
+            if clamp:  # None: no bound (every similarity lies in [0, 1])
+                lo = torch.zeros(n) if clamp[0][0] is None else clamp[0][0].to(torch.float32).contiguous()
+                hi = torch.ones(n) if clamp[0][1] is None else clamp[0][1].to(torch.float32).contiguous()
+
+            def band(r0: int, flat: torch.Tensor) -> None:
+                lib.band_sums(x, xt, sq, r0, min(n, r0 + _BLOCK_ROWS), q, mode, lo, hi, flat)
+
+            starts = list(range(0, n, _BLOCK_ROWS))
+            return _in_threads(self.threads, starts, band, count * n, pairs=n * n // 2).view(count, n)
 
         def clamped(tile: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tensor | None) -> torch.Tensor:
             # maximum / minimum: a tensor-bounded clamp is several times slower
@@ -616,10 +671,18 @@ class _Kernel:
         flat = _in_threads(self.threads, list(range(0, n, _BLOCK_ROWS)), work, count * n, pairs=n * n // 2)
         return flat.view(count, n)
 
+    def _native_mode(self, clamps: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]) -> int | None:
+        """``epic_band_sums``' mode for these sums (plain; clamped; plain then clamped), or None
+        when the C kernels do not run them."""
+        if self.native is None or not self.blocked():
+            return None
+        plain = [lo is None and hi is None for lo, hi in clamps]
+        return {(True,): 0, (False,): 1, (True, False): 2}.get(tuple(plain))
+
     def likely_first_medoid(self) -> int:
         """A row that probably has the largest column sum, i.e. exact greedy's first medoid, found
         from at most about ``2,100 n`` similarities instead of ``n^2 / 2`` (0.5 s for a class of
-        200,000 rows on two CPU cores, against about a minute for the pass over every pair).
+        200,000 rows on two CPU cores, against about half a minute for the pass over every pair).
 
         Every candidate is ranked by its sum over an evenly spaced sample of ``_GUESS_SAMPLE``
         rows, the best ``_GUESS_SHORTLIST`` (at most ``n / 16``) are ranked again over a sample
@@ -686,6 +749,9 @@ class _Kernel:
         if threshold is None:
             order = None
             widths = [n] * ((m + _UPDATE_ROWS - 1) // _UPDATE_ROWS)
+        elif m <= _UPDATE_ROWS:  # one block: every candidate above the smallest threshold, in any order
+            order = (col > threshold.min()).nonzero().squeeze(1)
+            widths = [int(order.numel())]
         else:
             above = (col > threshold.min()).nonzero().squeeze(1)
             order = above[torch.argsort(col.index_select(0, above), descending=True, stable=True)]
@@ -711,6 +777,27 @@ class _Kernel:
             self._position.index_copy_(0, order, torch.arange(int(order.numel())))
             own = self._position.index_select(0, rows)
             self._position.index_fill_(0, order, n)
+
+        if self.native is not None:
+            assert sqa is not None and sqb is not None
+            lib, q = self.native, self.needs_rounding
+            lows, highs = old.contiguous(), (old + span).contiguous()  # new_i, exact
+
+            def work_native(block: int, total: torch.Tensor) -> None:
+                r0 = block * _UPDATE_ROWS
+                r1 = min(m, r0 + _UPDATE_ROWS)
+                w = widths[block]
+                lib.clamped_sums(
+                    xa[r0:r1],
+                    sqa[r0:r1],
+                    lows[r0:r1],
+                    highs[r0:r1],
+                    own[r0:r1],
+                    xbt[:, :w],
+                    sqb[:w],
+                    q,
+                    total,
+                )
 
         def work(block: int, total: torch.Tensor) -> None:
             r0 = block * _UPDATE_ROWS
@@ -741,7 +828,11 @@ class _Kernel:
                 total[c0:c1] += torch.minimum(tile, hi, out=tile).sum(dim=0, dtype=torch.float64)
 
         part = _in_threads(
-            self.threads, [b for b, w in enumerate(widths) if w > 0], work, width, pairs=m * width
+            self.threads,
+            [b for b, w in enumerate(widths) if w > 0],
+            work if self.native is None else work_native,
+            width,
+            pairs=m * width,
         )
         # column c got old_i from every row of the blocks whose width exceeds c
         block_old = torch.zeros(len(widths), dtype=torch.float64)
@@ -822,6 +913,30 @@ def _in_threads(
     if errors:
         raise errors[0]
     return torch.stack(totals).sum(dim=0)
+
+
+_POOL: list[tuple[int, concurrent.futures.ThreadPoolExecutor]] = []  # (workers, pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _on_pool(parts: int, work: Callable[[int], int]) -> list[int]:
+    """``[work(p) for p in range(parts)]``, part 0 on the calling thread and the others on a pool of
+    threads kept for the process (a greedy step's column is too short a task to start threads for).
+    """
+    if parts <= 1:
+        return [work(0)]
+    with _POOL_LOCK:
+        if not _POOL or _POOL[0][0] < parts - 1:
+            workers = parts - 1
+            if _POOL:
+                _POOL[0][1].shutdown(wait=False)
+            _POOL[:] = [
+                (workers, concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hf_epic"))
+            ]
+        pool = _POOL[0][1]
+    futures = [pool.submit(work, p) for p in range(1, parts)]
+    first = work(0)
+    return [first] + [f.result() for f in futures]
 
 
 def similarity_kernel(embeddings: torch.Tensor | np.ndarray, metric: str = "euclidean") -> torch.Tensor:
@@ -1017,8 +1132,13 @@ def _greedy_incremental(
         order.append(j)
         gain = float(gains[j])
         gains[j] = -math.inf
-        col = matrix[j] if matrix is not None else kernel.column(j)
-        upd = (col > cur).nonzero().squeeze(1)
+        if matrix is None and kernel.native is not None and kernel.blocked():
+            col, changed = kernel.column_changes(j, cur)
+            assert changed is not None
+            upd = changed
+        else:
+            col = matrix[j] if matrix is not None else kernel.column(j)
+            upd = (col > cur).nonzero().squeeze(1)
         m = upd.numel()
         if m == 0:
             continue
@@ -1153,8 +1273,8 @@ def _select_class(
     if greedy != "stochastic" and kernel.matrix is None and cpu and n >= _SLOW_EXACT_ROWS:
         logger.warning(
             "A class of %d rows does not fit memory_budget_mb as a dense kernel: exact greedy recomputes "
-            "O(n^2) similarities on the CPU, which takes minutes (three at 200,000 rows on two "
-            "cores). greedy='stochastic' takes about a minute at that size; a GPU or a larger "
+            "O(n^2) similarities on the CPU, which takes minutes (under two at 200,000 rows on two "
+            "cores with the C kernels). greedy='stochastic' takes about a minute at that size; a GPU or a larger "
             "memory_budget_mb also helps.",
             n,
         )

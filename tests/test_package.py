@@ -16,7 +16,7 @@ def test_public_names_resolve_and_match_the_lazy_map():
         assert getattr(hf_epic, name) is not None, name
 
 
-@pytest.mark.parametrize("module", ["hf_epic.selection", "hf_epic.drop_rules"])
+@pytest.mark.parametrize("module", ["hf_epic.selection", "hf_epic.native", "hf_epic.drop_rules"])
 def test_selection_core_imports_without_hugging_face_libraries(module):
     code = (
         f"import sys, {module}; "
