@@ -253,11 +253,10 @@ class EuclideanKernel(DistanceKernel):
         return torch.where(s > 0, -dim * torch.log(s.clamp_min(1e-300)), math.inf)
 
     def native(self, dim: int) -> NativeKernels | None:
-        # only this exact similarity (a subclass that redefines it computes it in torch)
+        # only this exact similarity (a subclass that redefines any part of it computes it in torch)
         cls = type(self)
-        same = all(
-            getattr(cls, f) is getattr(EuclideanKernel, f) for f in ("from_distance_", "from_sq_distance")
-        )
+        parts = ("prepare", "tile", "from_distance_", "from_sq_distance")
+        same = all(getattr(cls, f) is getattr(EuclideanKernel, f) for f in parts)
         return native.load(dim) if same else None
 
     def tile(
