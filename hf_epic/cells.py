@@ -203,6 +203,9 @@ class Cells:
         self.sq = kernel.sq
         self.cell_x = x_pad[members]  # k x L x D
         self.cell_sq = sq_pad[members]  # k x L
+        # the C kernels of the same similarity (hf_epic.native) read each cell's rows transposed
+        self.native = getattr(kernel, "native", None)
+        self.cell_xt = self.cell_x.transpose(1, 2).contiguous() if self.native is not None else None
         self.cell_cur = torch.where(members < n, 0.0, 2.0).to(torch.float32)  # k x L
         self.cell_assign = torch.full((k, width), -1, dtype=torch.int64)
         # reach of every cell, plus a sentinel cell k that never passes the test
@@ -328,7 +331,14 @@ class Cells:
         return self._active_cells(xc, which, group)
 
     def _similarities(self, cell: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
-        """s(row, cands[p]) for every row of ``cell[p]`` (float32 P x L, quantised as the kernel's)."""
+        """s(row, cands[p]) for every row of ``cell[p]`` (float32 P x L, quantised as the kernel's): from
+        the C kernels where the class's kernel has them (the same bits as its tiles), else in torch."""
+        if self.native is not None:
+            assert self.cell_xt is not None
+            s = self.native.cell_pairs(
+                self.cell_xt, self.cell_sq, cell, self.x, self.sq, cands, self.needs_rounding
+            )
+            return s.masked_fill_(self.members.index_select(0, cell) == cands[:, None], 1.0)
         xr = self.cell_x.index_select(0, cell)  # P x L x D
         xc = self.x.index_select(0, cands)  # P x D
         dot = torch.bmm(xr, xc[:, :, None])[:, :, 0]
@@ -488,8 +498,12 @@ class Cells:
         step = max(1, self.chunk_elements // max(1, cands.numel()))
         for a in range(0, k * width, step):
             b = min(k * width, a + step)
-            d2 = torch.addmm(sq[a:b, None] + sqc[None, :], x[a:b], xct, alpha=-2.0)
-            s = self._to_similarity(d2)
+            if self.native is not None:
+                block = torch.empty((b - a, int(cands.numel())), dtype=torch.float32)
+                s = self.native.block(x[a:b], sq[a:b], xct, sqc, self.needs_rounding, block)
+            else:
+                d2 = torch.addmm(sq[a:b, None] + sqc[None, :], x[a:b], xct, alpha=-2.0)
+                s = self._to_similarity(d2)
             s.masked_fill_(rows[a:b, None] == cands[None, :], 1.0)
             out += s.sub_(cur[a:b, None]).clamp_min_(0.0).sum(dim=0, dtype=torch.float64)
         return out

@@ -223,3 +223,28 @@ long epic_column(const double *xj, double sqj, const double *xt, const double *s
     if (quantize) return column(xj, sqj, xt, sq, n, r0, r1, own, 1, cur, col, changed);
     return column(xj, sqj, xt, sq, n, r0, r1, own, 0, cur, col, changed);
 }
+
+/* out[p * L + r] = s(row r of cell cell[p], row cands[p]) for the k-d cells of hf_epic.cells: cell_xt
+ * holds each cell's rows transposed (cells x DIM x L), cell_sq their squared norms (cells x L) */
+static inline void cell_pairs(const double *restrict cell_xt, const double *restrict cell_sq,
+                              const int64_t *restrict cell, const double *restrict x, const double *restrict sq,
+                              const int64_t *restrict cands, long P, long L, const int quantize,
+                              float *restrict out) {
+    for (long p = 0; p < P; p++) {
+        const double *a = x + cands[p] * DIM;
+        double sa = sq[cands[p]];
+        const double *bt = cell_xt + cell[p] * DIM * L;
+        const double *sb = cell_sq + cell[p] * L;
+        float *o = out + p * L;
+#pragma omp simd
+        for (long r = 0; r < L; r++) o[r] = similarity((sa + sb[r]) - 2.0 * dot_at(a, bt, L, r), quantize);
+    }
+}
+
+void epic_cell_pairs(const double *cell_xt, const double *cell_sq, const int64_t *cell, const double *x,
+                     const double *sq, const int64_t *cands, long P, long L, int quantize, float *out) {
+    if (quantize)
+        cell_pairs(cell_xt, cell_sq, cell, x, sq, cands, P, L, 1, out);
+    else
+        cell_pairs(cell_xt, cell_sq, cell, x, sq, cands, P, L, 0, out);
+}

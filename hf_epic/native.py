@@ -175,6 +175,9 @@ class NativeKernels:
         self._column = lib.epic_column
         self._column.argtypes = [_P, ctypes.c_double, _P, _P, _L, _L, _L, _L, _I, _P, _P, _P]
         self._column.restype = _L
+        self._cell_pairs = lib.epic_cell_pairs
+        self._cell_pairs.argtypes = [_P, _P, _P, _P, _P, _P, _L, _L, _I, _P]
+        self._cell_pairs.restype = None
 
     def block(
         self,
@@ -281,6 +284,35 @@ class NativeKernels:
                 _ptr(changed),
             )
         )
+
+    def cell_pairs(
+        self,
+        cell_xt: torch.Tensor,
+        cell_sq: torch.Tensor,
+        cell: torch.Tensor,
+        x: torch.Tensor,
+        sq: torch.Tensor,
+        cands: torch.Tensor,
+        quantize: bool,
+    ) -> torch.Tensor:
+        """s(every row of cell ``cell[p]``, row ``cands[p]``) as a float32 P x L tensor, for cells whose
+        rows are held transposed (``cell_xt``: cells x D x L, float64; ``cell_sq``: cells x L)."""
+        cell, cands = cell.contiguous(), cands.contiguous()
+        count, width = int(cell.numel()), int(cell_xt.shape[2])
+        out = torch.empty((count, width), dtype=torch.float32)
+        self._cell_pairs(
+            _ptr(cell_xt),
+            _ptr(cell_sq),
+            _ptr(cell),
+            _ptr(x),
+            _ptr(sq),
+            _ptr(cands),
+            count,
+            width,
+            int(quantize),
+            _ptr(out),
+        )
+        return out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -190,3 +190,24 @@ def test_a_failing_compiler_falls_back_with_its_message(fresh, monkeypatch, capl
     assert "cannot compile today" in message and "Set CC" in message
     assert not [p for p in (fresh / "cache" / "native").iterdir() if p.is_file()]  # no partial files
     assert os.environ["CC"] == str(cc)
+
+
+def test_cells_compute_the_same_similarities_with_and_without_c_kernels():
+    from hf_epic.cells import Cells
+
+    for x in (_gradient_like(400, 10, 9), _strip(400, 10)):
+        with_c = Cells(selection._Kernel(x, "euclidean", 1 << 12), leaf=8)
+        kernel = selection._Kernel(x, "euclidean", 1 << 12)
+        kernel.native = None
+        torch_only = Cells(kernel, leaf=8)
+        assert with_c.native is not None and torch_only.native is None
+        cell = torch.arange(with_c.num_cells).repeat(3)
+        cands = torch.randint(0, 400, (cell.numel(),), generator=torch.Generator().manual_seed(1))
+        cands[:5] = with_c.members[cell[:5], 0]  # a row against its own cell: s = 1 there
+        assert torch.equal(with_c._similarities(cell, cands), torch_only._similarities(cell, cands))
+        # gains over every row (a first step) and after a few medoids
+        for j in (0, 17, 230):
+            rows = torch.arange(0, 400, 7)
+            assert torch.equal(with_c._dense_gains(rows), torch_only._dense_gains(rows))
+            with_c.select(j)
+            torch_only.select(j)
