@@ -118,13 +118,12 @@ def _build(dim: int) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         version = ""
     source = _SOURCE.read_bytes()
+    machine = _machine().encode()
     errors = []
     for target in _TARGET_FLAGS:
         flags = [*_FLAGS, *target, f"-DDIM={dim}"]
-        key = hashlib.sha256(
-            b"\0".join([source, " ".join(cc + flags).encode(), version.encode(), _machine().encode()])
-        ).hexdigest()[:24]
-        path = cache_dir() / f"epic_d{dim}_{key}.so"
+        key = hashlib.sha256(b"\0".join([source, " ".join(cc + flags).encode(), version.encode(), machine]))
+        path = cache_dir() / f"epic_d{dim}_{key.hexdigest()[:24]}.so"
         if path.exists():
             return path
         tmp = None
