@@ -319,15 +319,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _agrees_with_torch(kernels: NativeKernels) -> bool:
-    """Whether a 64 x 64 block of the C kernel equals ``exp(-||a - b|| / D)`` computed by torch in
-    float64 and rounded to float32 (the definition :mod:`hf_epic.kernels` uses), bit for bit."""
+    """Whether a 64 x 64 block of the C kernel equals the torch kernel of :mod:`hf_epic.kernels`
+    (``exp(-||a - b|| / D)`` in float64, rounded to float32), bit for bit."""
+    from hf_epic.kernels import DistanceKernel, EuclideanKernel  # imports this module
+
     g = torch.Generator().manual_seed(0)
-    x = torch.softmax(3.0 * torch.randn(64, kernels.dim, generator=g, dtype=torch.float64), dim=1)
-    x -= x.mean(dim=0, keepdim=True)
-    sq = (x * x).sum(dim=1)
+    euclidean = EuclideanKernel()
+    x, sq, _ = euclidean.prepare(
+        torch.softmax(3.0 * torch.randn(64, kernels.dim, generator=g), dim=1).double()
+    )
+    assert sq is not None
     xt = x.T.contiguous()
-    d2 = (sq[:, None] + sq[None, :]).addmm_(x, xt, alpha=-2.0)
-    want = d2.clamp_min_(0.0).sqrt_().mul_(-1.0 / kernels.dim).exp_().to(torch.float32)
+    want = DistanceKernel.tile(euclidean, x, xt, sq, sq, kernels.dim)  # torch's, not the C kernel
     got = kernels.block(x, sq, xt, sq, False, torch.empty(64, 64))
     return bool(torch.equal(got, want))
 

@@ -499,7 +499,7 @@ class _Kernel:
         if self.matrix is not None:
             return self.matrix[j]  # symmetric
         if self.native is not None and self.blocked():
-            return self.column_changes(j, None)[0]
+            return self._native_column(j, None)[0]
         cols = torch.tensor([j], device=self.device)
         if self.blocked():
             out = self._tile(slice(None), cols, out=self._column[0], work=self._column[1])[:, 0]
@@ -508,10 +508,19 @@ class _Kernel:
         out[j] = 1.0
         return out
 
-    def column_changes(self, j: int, cur: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`column` ``j`` and, with ``cur``, the rows whose similarity to ``j`` exceeds it
-        (ascending, int64), from the C kernels (a :meth:`blocked` kernel with :attr:`native`), the
-        rows of a large class split among the threads."""
+    def column_changes(self, j: int, cur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`column` ``j`` and the rows whose similarity to ``j`` exceeds ``cur`` (ascending,
+        int64): the rows that a greedy step selecting ``j`` takes over."""
+        if self.native is not None and self.blocked():
+            col, changed = self._native_column(j, cur)
+            assert changed is not None
+            return col, changed
+        col = self.column(j)
+        return col, (col > cur).nonzero().squeeze(1)
+
+    def _native_column(self, j: int, cur: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`column_changes` (only the column without ``cur``) from the C kernels, the rows of a
+        large class split among the threads."""
         assert self.native is not None and self.sq is not None
         lib, n = self.native, self.n
         out = self._column[0].view(n)
@@ -1132,13 +1141,7 @@ def _greedy_incremental(
         order.append(j)
         gain = float(gains[j])
         gains[j] = -math.inf
-        if matrix is None and kernel.native is not None and kernel.blocked():
-            col, changed = kernel.column_changes(j, cur)
-            assert changed is not None
-            upd = changed
-        else:
-            col = matrix[j] if matrix is not None else kernel.column(j)
-            upd = (col > cur).nonzero().squeeze(1)
+        col, upd = kernel.column_changes(j, cur)
         m = upd.numel()
         if m == 0:
             continue
